@@ -1,0 +1,95 @@
+"""The megatron-core engine: DDP wrapping and one forward-backward over microbatches.
+
+Gradient reduction, pipeline schedules (1F1B, interleaved) and gradient finalisation
+(DP all-reduce, SP norm-gradient all-reduce over TP) are megatron-core's; this module only
+wires them to LLaMA's causal-LM loss.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Iterable, Optional
+
+import torch
+
+
+def wrap_ddp(chunks: list, tconfig, *, use_distributed_optimizer: bool = False,
+             overlap_grad_reduce: bool = False, bucket_size: Optional[int] = None) -> list:
+    """Wrap each model chunk in megatron-core's DistributedDataParallel (fp32 grad buffers).
+
+    Also installs ``finalize_model_grads`` on the config, so the schedules all-reduce data-
+    parallel gradients and sequence-parallel norm gradients after the last microbatch.
+    """
+    from megatron.core.distributed import (DistributedDataParallel,
+                                           DistributedDataParallelConfig,
+                                           finalize_model_grads)
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=overlap_grad_reduce,
+        use_distributed_optimizer=use_distributed_optimizer,
+        bucket_size=bucket_size,
+    )
+    wrapped = [
+        DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=chunk,
+                                # bucket only the first chunk, as megatron-core's trainer does
+                                disable_bucketing=i > 0)
+        for i, chunk in enumerate(chunks)
+    ]
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    if overlap_grad_reduce:
+        tconfig.no_sync_func = [m.no_sync for m in wrapped]
+        if len(wrapped) == 1:
+            tconfig.no_sync_func = tconfig.no_sync_func[0]
+        tconfig.grad_sync_func = [m.start_grad_sync for m in wrapped]
+        if len(wrapped) == 1:
+            tconfig.grad_sync_func = tconfig.grad_sync_func[0]
+    return wrapped
+
+
+def lm_loss(per_token_loss: torch.Tensor, loss_mask: Optional[torch.Tensor] = None):
+    """Mean next-token loss of one microbatch, as megatron-core's schedules expect it."""
+    per_token_loss = per_token_loss.float()
+    if loss_mask is None:
+        loss = per_token_loss.mean()
+    else:
+        mask = loss_mask.float()
+        loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+    # clone: the schedule divides the returned loss in place by the number of microbatches
+    return loss, {"lm loss": loss.detach().clone()}
+
+
+def _forward_step(data_iterator, model):
+    """One microbatch: tokens [b, s], labels [b, s] -> per-token loss [b, s] and its reducer."""
+    batch = next(data_iterator)
+    tokens, labels = batch["tokens"], batch["labels"]
+    position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    output = model(tokens, position_ids, None, labels=labels)
+    return output, partial(lm_loss, loss_mask=batch.get("loss_mask"))
+
+
+def forward_backward(chunks: list, tconfig, microbatches: list[dict], *, seq_length: int,
+                     micro_batch_size: int, forward_only: bool = False) -> list[torch.Tensor]:
+    """Run megatron-core's schedule for this layout over ``microbatches``.
+
+    Each microbatch is ``{"tokens": LongTensor[b, s], "labels": LongTensor[b, s]}``.
+    Returns the per-microbatch mean losses (on the last pipeline stage; empty elsewhere).
+    Gradients accumulate in the DDP buffers (``param.main_grad``) and are finalised.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    iterators: Iterable
+    if len(chunks) > 1:
+        iterators = [iter(microbatches) for _ in chunks]
+    else:
+        iterators = iter(microbatches)
+    losses = get_forward_backward_func()(
+        forward_step_func=_forward_step,
+        data_iterator=iterators,
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(microbatches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+    return [d["lm loss"] for d in losses]

@@ -1,0 +1,110 @@
+"""Shared test helpers: tiny configs, random Meta weights, batches, and a reference LLaMA.
+
+`reference_logits` is written from the paper's description alone (Touvron et al. 2023,
+section 2.2): pre-normalisation with RMSNorm, SwiGLU feed-forward, rotary embeddings applied
+to adjacent pairs (2i, 2i+1) of each head as in Meta's release, causal attention, untied
+output layer. It uses Meta's parameter names and shares no code with the package.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from megatron_llama.config import LlamaConfig
+
+# Grouped-query attention (2 query heads per KV group) exercises the per-group QKV layout.
+TINY = LlamaConfig(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=128,
+                   multiple_of=16, max_seq_len=32)
+TINY_MHA = LlamaConfig(dim=64, n_layers=2, n_heads=4, vocab_size=96, multiple_of=16,
+                       max_seq_len=32, rope_theta=500.0)
+
+
+def random_meta_weights(cfg: LlamaConfig, seed: int = 0,
+                        dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A full Meta-named state dict with random weights (norm weights away from 1)."""
+    g = torch.Generator().manual_seed(seed)
+    d, hd, f = cfg.dim, cfg.head_dim, cfg.ffn_hidden_size
+
+    def w(*shape, std=0.08):
+        return (torch.randn(*shape, generator=g) * std).to(dtype)
+
+    def norm():
+        return (1.0 + 0.1 * torch.randn(d, generator=g)).to(dtype)
+
+    sd = {"tok_embeddings.weight": w(cfg.vocab_size, d, std=1.0), "norm.weight": norm(),
+          "output.weight": w(cfg.vocab_size, d)}
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        sd.update({
+            p + "attention.wq.weight": w(cfg.n_heads * hd, d),
+            p + "attention.wk.weight": w(cfg.num_kv_heads * hd, d),
+            p + "attention.wv.weight": w(cfg.num_kv_heads * hd, d),
+            p + "attention.wo.weight": w(d, cfg.n_heads * hd),
+            p + "feed_forward.w1.weight": w(f, d),
+            p + "feed_forward.w2.weight": w(d, f),
+            p + "feed_forward.w3.weight": w(f, d),
+            p + "attention_norm.weight": norm(),
+            p + "ffn_norm.weight": norm(),
+        })
+    return sd
+
+
+def random_batches(cfg: LlamaConfig, n: int, micro_batch: int, seq_len: int, seed: int = 1):
+    """``n`` microbatches of next-token data: tokens [b, s] and labels shifted by one."""
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randint(0, cfg.vocab_size, (n, micro_batch, seq_len + 1), generator=g)
+    return [{"tokens": x[:, :-1].contiguous(), "labels": x[:, 1:].contiguous()} for x in data]
+
+
+# ---- reference forward, from the paper ------------------------------------------------------
+def _rms_norm(x, weight, eps):
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+def _rotate_adjacent_pairs(x, theta):
+    """x [b, s, heads, hd]: rotate pair (2i, 2i+1) at position p by p * theta^(-2i/hd)."""
+    b, s, h, hd = x.shape
+    inv_freq = theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    angles = torch.arange(s, dtype=torch.float64)[:, None] * inv_freq[None, :]  # [s, hd/2]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    even, odd = x[..., 0::2], x[..., 1::2]
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    out = torch.empty_like(x)
+    out[..., 0::2] = even * cos - odd * sin
+    out[..., 1::2] = even * sin + odd * cos
+    return out
+
+
+def reference_logits(weights: dict[str, torch.Tensor], cfg: LlamaConfig,
+                     tokens: torch.Tensor) -> torch.Tensor:
+    """Logits [b, s, V] of LLaMA on ``tokens`` [b, s] with Meta-named ``weights``."""
+    b, s = tokens.shape
+    hd, nh, nkv = cfg.head_dim, cfg.n_heads, cfg.num_kv_heads
+    h = weights["tok_embeddings.weight"][tokens]
+    causal = torch.full((s, s), float("-inf")).triu(1)
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        x = _rms_norm(h, weights[p + "attention_norm.weight"], cfg.norm_eps)
+        q = (x @ weights[p + "attention.wq.weight"].T).view(b, s, nh, hd)
+        k = (x @ weights[p + "attention.wk.weight"].T).view(b, s, nkv, hd)
+        v = (x @ weights[p + "attention.wv.weight"].T).view(b, s, nkv, hd)
+        q, k = _rotate_adjacent_pairs(q, cfg.rope_theta), _rotate_adjacent_pairs(k, cfg.rope_theta)
+        k = k.repeat_interleave(nh // nkv, dim=2)
+        v = v.repeat_interleave(nh // nkv, dim=2)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd) + causal
+        attn = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).reshape(b, s, nh * hd)
+        h = h + attn @ weights[p + "attention.wo.weight"].T
+        x = _rms_norm(h, weights[p + "ffn_norm.weight"], cfg.norm_eps)
+        gate = torch.nn.functional.silu(x @ weights[p + "feed_forward.w1.weight"].T)
+        up = x @ weights[p + "feed_forward.w3.weight"].T
+        h = h + (gate * up) @ weights[p + "feed_forward.w2.weight"].T
+    h = _rms_norm(h, weights["norm.weight"], cfg.norm_eps)
+    return h @ weights["output.weight"].T
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||, the relative error used by every equivalence test."""
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
