@@ -13,6 +13,8 @@ import math
 import torch
 
 from megatron_llama.config import LlamaConfig
+from megatron_llama.convert.synthetic import random_meta_state_dict, random_token_batches
+from megatron_llama.selfcheck import relative_error as rel_err  # noqa: F401
 
 # Grouped-query attention (2 query heads per KV group) exercises the per-group QKV layout.
 TINY = LlamaConfig(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=128,
@@ -21,41 +23,12 @@ TINY_MHA = LlamaConfig(dim=64, n_layers=2, n_heads=4, vocab_size=96, multiple_of
                        max_seq_len=32, rope_theta=500.0)
 
 
-def random_meta_weights(cfg: LlamaConfig, seed: int = 0,
-                        dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """A full Meta-named state dict with random weights (norm weights away from 1)."""
-    g = torch.Generator().manual_seed(seed)
-    d, hd, f = cfg.dim, cfg.head_dim, cfg.ffn_hidden_size
-
-    def w(*shape, std=0.08):
-        return (torch.randn(*shape, generator=g) * std).to(dtype)
-
-    def norm():
-        return (1.0 + 0.1 * torch.randn(d, generator=g)).to(dtype)
-
-    sd = {"tok_embeddings.weight": w(cfg.vocab_size, d, std=1.0), "norm.weight": norm(),
-          "output.weight": w(cfg.vocab_size, d)}
-    for i in range(cfg.n_layers):
-        p = f"layers.{i}."
-        sd.update({
-            p + "attention.wq.weight": w(cfg.n_heads * hd, d),
-            p + "attention.wk.weight": w(cfg.num_kv_heads * hd, d),
-            p + "attention.wv.weight": w(cfg.num_kv_heads * hd, d),
-            p + "attention.wo.weight": w(d, cfg.n_heads * hd),
-            p + "feed_forward.w1.weight": w(f, d),
-            p + "feed_forward.w2.weight": w(d, f),
-            p + "feed_forward.w3.weight": w(f, d),
-            p + "attention_norm.weight": norm(),
-            p + "ffn_norm.weight": norm(),
-        })
-    return sd
+def random_meta_weights(cfg: LlamaConfig, seed: int = 0, dtype: torch.dtype = torch.float32):
+    return random_meta_state_dict(cfg, seed, dtype)
 
 
 def random_batches(cfg: LlamaConfig, n: int, micro_batch: int, seq_len: int, seed: int = 1):
-    """``n`` microbatches of next-token data: tokens [b, s] and labels shifted by one."""
-    g = torch.Generator().manual_seed(seed)
-    data = torch.randint(0, cfg.vocab_size, (n, micro_batch, seq_len + 1), generator=g)
-    return [{"tokens": x[:, :-1].contiguous(), "labels": x[:, 1:].contiguous()} for x in data]
+    return random_token_batches(cfg.vocab_size, n, micro_batch, seq_len, seed)
 
 
 # ---- reference forward, from the paper ------------------------------------------------------
@@ -103,8 +76,3 @@ def reference_logits(weights: dict[str, torch.Tensor], cfg: LlamaConfig,
         h = h + (gate * up) @ weights[p + "feed_forward.w2.weight"].T
     h = _rms_norm(h, weights["norm.weight"], cfg.norm_eps)
     return h @ weights["output.weight"].T
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b||, the relative error used by every equivalence test."""
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()

@@ -1,8 +1,9 @@
-"""Spawn N gloo processes that run one function each, with a hard timeout.
+"""Spawn N local processes (gloo on CPU) that run one function each, with a hard timeout.
 
-Collectives hang rather than fail when one rank dies, so every launch has a deadline after
-which all ranks are killed and the test fails with each rank's error. Importing megatron-core
-costs seconds per process: put many checks in one launched function.
+Used by `megatron-llama selfcheck` and the multi-process tests. Collectives hang rather than
+fail when one rank dies, so every launch has a deadline after which all ranks are killed and
+the caller gets each rank's error. Importing megatron-core costs seconds per process: put
+many checks in one launched function.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ def _entry(fn: Callable, rank: int, world: int, port: int, workdir: str, args: t
         raise
 
 
+class LaunchError(RuntimeError):
+    """A spawned rank failed or the group missed its deadline."""
+
+
 def run_processes(fn: Callable, world: int, workdir: str, *args: Any,
                   timeout: float = 300.0) -> list[Any]:
     """Run ``fn(rank, world, workdir, *args)`` in ``world`` spawned processes.
@@ -61,10 +66,10 @@ def run_processes(fn: Callable, world: int, workdir: str, *args: Any,
     errors = [(Path(workdir) / f"error{r}.txt") for r in range(world)]
     messages = [f"rank {r}:\n{e.read_text()}" for r, e in enumerate(errors) if e.exists()]
     if messages:
-        raise AssertionError("worker failed\n" + "\n".join(messages))
+        raise LaunchError("worker failed\n" + "\n".join(messages))
     if deadline_hit:
-        raise AssertionError(f"workers did not finish within {timeout:.0f} s (hung collective?)")
+        raise LaunchError(f"workers did not finish within {timeout:.0f} s (hung collective?)")
     bad = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
     if bad:
-        raise AssertionError(f"workers exited abnormally: {bad}")
+        raise LaunchError(f"workers exited abnormally: {bad}")
     return [torch.load(Path(workdir) / f"result{r}.pt", weights_only=True) for r in range(world)]

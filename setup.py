@@ -1,0 +1,34 @@
+"""megatron_llama: train LLaMA the way the paper did, as a thin plugin on megatron-core."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_llama",
+    version="0.1.0",
+    description="LLaMA pretraining on NVIDIA megatron-core (TP/SP/PP/DP), with a CPU adapter",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_llama", "megatron_llama.*"]),
+    install_requires=[
+        # Install torch first (`pip install torch==2.13.0` takes the CPU wheel on CPU hosts);
+        # a range keeps pip from replacing it with another build.
+        "torch>=2.4",
+        "megatron-core==0.16.1",
+        "numpy",
+        "sentencepiece",
+        "pyyaml",
+        "tqdm",
+        "psutil",  # megatron-core's dist_checkpointing imports it without declaring it
+        "wandb",
+        "deepspeed",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-timeout"],
+        "hf": ["transformers", "safetensors"],
+    },
+    entry_points={"console_scripts": ["megatron-llama=megatron_llama.cli:main"]},
+    classifiers=["License :: OSI Approved :: Apache Software License",
+                 "Programming Language :: Python :: 3"],
+)

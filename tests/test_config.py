@@ -1,0 +1,131 @@
+"""LlamaConfig: the paper's exact numbers, params.json, the TransformerConfig mapping, layouts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from megatron_llama.config import (PRESETS, ConfigError, LlamaConfig, get_preset,
+                                   to_transformer_config)
+from megatron_llama.parallel import ParallelLayout
+
+PAPER = {  # preset: (exact parameters with V=32000, SwiGLU width, Meta shards)
+    "7B": (6_738_415_616, 11008, 1),
+    "13B": (13_015_864_320, 13824, 2),
+    "33B": (32_528_943_616, 17920, 4),
+    "65B": (65_285_660_672, 22016, 8),
+}
+
+
+@pytest.mark.parametrize("name", list(PAPER))
+def test_paper_presets_exact(name):
+    params, ffn, shards = PAPER[name]
+    preset = PRESETS[name]
+    assert preset.model.num_params() == params
+    assert preset.model.ffn_hidden_size == ffn
+    assert preset.model.head_dim == 128 and preset.model.vocab_size == 32000
+    assert preset.meta_shards == shards
+    assert preset.batch_tokens == 2048 * 2048
+
+
+def test_paper_recipe_numbers():
+    assert [PRESETS[n].lr for n in PAPER] == [3e-4, 3e-4, 1.5e-4, 1.5e-4]
+    assert [PRESETS[n].train_tokens for n in PAPER] == [10**12, 10**12, 1.4e12, 1.4e12]
+    assert get_preset("65b") is PRESETS["65B"]
+    with pytest.raises(ConfigError, match="unknown preset"):
+        get_preset("70B")
+
+
+def test_llama2_ffn_multiplier_and_gqa():
+    # Llama-2 70B: ffn_dim_multiplier applied after int(2h/3), before rounding -> 28672.
+    cfg = LlamaConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8,
+                      ffn_dim_multiplier=1.3, multiple_of=4096, norm_eps=1e-5)
+    assert cfg.ffn_hidden_size == 28672
+    assert cfg.num_params() == 68_976_648_192  # Llama-2 70B, V=32000
+
+
+def test_params_json_round_trip(tmp_path):
+    path = tmp_path / "params.json"
+    path.write_text(json.dumps({"dim": 4096, "multiple_of": 256, "n_heads": 32,
+                                "n_layers": 32, "norm_eps": 1e-06, "vocab_size": -1}))
+    cfg = LlamaConfig.from_params_json(str(path), vocab_size=32000)
+    assert cfg == PRESETS["7B"].model
+    out = tmp_path / "out.json"
+    cfg.to_params_json(str(out))
+    assert json.loads(out.read_text()) == json.loads(path.read_text())
+    llama2 = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim_multiplier=1.3,
+                         vocab_size=100)
+    llama2.to_params_json(str(out))
+    assert LlamaConfig.from_params_json(str(out)) == llama2
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not valid JSON"),
+    ('{"dim": 64}', "missing field"),
+    ('{"dim": 64, "n_layers": 2, "n_heads": 4, "vocab_size": -1}', "tokenizer's size"),
+    ('{"dim": 64, "n_layers": 2, "n_heads": 5, "vocab_size": 10}', "not divisible"),
+])
+def test_params_json_errors_are_one_line(tmp_path, content, message):
+    path = tmp_path / "params.json"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=message) as err:
+        LlamaConfig.from_params_json(str(path))
+    assert "\n" not in str(err.value)
+    if message != "not divisible":
+        assert str(path) in str(err.value)
+
+
+def test_vocab_padding_keeps_32000_up_to_tp8():
+    cfg = PRESETS["7B"].model
+    assert [cfg.padded_vocab_size(tp) for tp in (1, 2, 4, 8)] == [32000] * 4
+    assert cfg.padded_vocab_size(16) == 32256
+    assert LlamaConfig(dim=64, n_layers=1, n_heads=4, vocab_size=100).padded_vocab_size(2) == 128
+
+
+def test_transformer_config_mapping():
+    import torch
+
+    cfg = PRESETS["65B"].model
+    tc = to_transformer_config(cfg, ParallelLayout(tp=8, pp=4, vp=2, sp=True), dtype="bf16",
+                               recompute="full", on_gpu=True)
+    assert tc.normalization == "RMSNorm" and tc.layernorm_epsilon == 1e-5
+    assert tc.gated_linear_unit and tc.activation_func is torch.nn.functional.silu
+    assert not tc.add_bias_linear and not tc.add_qkv_bias
+    assert tc.hidden_dropout == 0 and tc.attention_dropout == 0
+    assert (tc.num_layers, tc.hidden_size, tc.ffn_hidden_size) == (80, 8192, 22016)
+    assert (tc.num_attention_heads, tc.num_query_groups, tc.kv_channels) == (64, 64, 128)
+    assert (tc.tensor_model_parallel_size, tc.pipeline_model_parallel_size) == (8, 4)
+    assert tc.virtual_pipeline_model_parallel_size == 2 and tc.sequence_parallel
+    assert tc.bf16 and tc.params_dtype == torch.bfloat16 and tc.recompute_granularity == "full"
+    assert tc.batch_p2p_comm  # GPU keeps batched p2p ...
+    cpu = to_transformer_config(PRESETS["tiny"].model, ParallelLayout(pp=2, vp=2), on_gpu=False)
+    assert not cpu.batch_p2p_comm  # ... gloo needs it off for interleaving (LLAMA_FACTS.md)
+    gqa = to_transformer_config(LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                            vocab_size=64), ParallelLayout(), on_gpu=False)
+    assert gqa.num_query_groups == 2
+    with pytest.raises(ConfigError, match="recompute"):
+        to_transformer_config(cfg, ParallelLayout(), recompute="some")
+
+
+@pytest.mark.parametrize("preset, layout, world, message", [
+    ("33B", ParallelLayout(tp=8), 8, "n_heads=52 is not divisible by TP=8 .legal TP: 1, 2, 4"),
+    ("7B", ParallelLayout(tp=3), 3, "not divisible by TP=3"),
+    ("7B", ParallelLayout(pp=3), 3, "n_layers=32 is not divisible by PP"),
+    ("7B", ParallelLayout(tp=8, pp=2), 24, "world size 24 is not divisible by TP\\*PP=16"),
+    ("7B", ParallelLayout(sp=True), 1, "sequence parallelism needs TP > 1"),
+    ("7B", ParallelLayout(vp=2), 1, "virtual pipeline stages need PP > 1"),
+])
+def test_impossible_layouts_refused(preset, layout, world, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        layout.check(PRESETS[preset].model, world)
+    assert "\n" not in str(err.value)
+
+
+def test_batch_divisibility():
+    cfg = PRESETS["7B"].model
+    ParallelLayout(tp=8, pp=4).check(cfg, 2048, micro_batch=1, global_batch=2048)
+    with pytest.raises(ConfigError, match="global batch 1000 is not divisible"):
+        ParallelLayout(tp=8, pp=4).check(cfg, 2048, micro_batch=1, global_batch=1000)
+    with pytest.raises(ConfigError, match="multiple of PP=4"):
+        ParallelLayout(tp=8, pp=4, vp=2).check(cfg, 512, micro_batch=1, global_batch=96)
