@@ -1,0 +1,147 @@
+"""SentencePiece BPE tokenizer: training with the paper's settings, and loading any model.
+
+The paper (section 2.1): byte-pair encoding with SentencePiece, all numbers split into
+single digits, unknown UTF-8 characters decomposed into bytes. We also keep the text as is
+(identity normalisation, no whitespace collapsing) so decode(encode(text)) == text, and use
+LLaMA's special ids: unk=0, bos=1, eos=2, no pad. Meta's released ``tokenizer.model`` is a
+SentencePiece model too and loads through the same `Tokenizer` class.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from typing import Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from megatron_llama.config import ConfigError
+from megatron_llama.data.sources import iter_documents
+
+UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+
+
+class Tokenizer:
+    """A SentencePiece model with LLaMA's conventions (bos/eos ids from the model itself)."""
+
+    def __init__(self, model_path: str):
+        import sentencepiece as spm
+
+        if not os.path.isfile(model_path):
+            raise ConfigError(f"{model_path}: tokenizer model not found")
+        self.model_path = model_path
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.Load(model_path)
+        except (OSError, RuntimeError) as e:
+            raise ConfigError(f"{model_path}: not a SentencePiece model ({str(e).splitlines()[0]})") from None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.GetPieceSize()
+
+    @property
+    def bos_id(self) -> int:
+        return self.sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self.sp.eos_id()
+
+    @property
+    def unk_id(self) -> int:
+        return self.sp.unk_id()
+
+    @property
+    def pad_id(self) -> int:
+        return self.sp.pad_id()
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = self.sp.EncodeAsIds(text)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
+        return self.sp.Encode(list(texts), num_threads=num_threads)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.sp.DecodeIds([int(i) for i in ids])
+
+    def id_to_piece(self, i: int) -> str:
+        return self.sp.IdToPiece(int(i))
+
+    def is_byte(self, i: int) -> bool:
+        return self.sp.IsByte(int(i))
+
+
+def _training_sentences(inputs: list[str], text_key: str, max_sentences: int,
+                        seed: int) -> Iterator[str]:
+    """Lines of the input documents, reservoir-sampled to at most ``max_sentences``.
+
+    SentencePiece trains on "sentences"; a document's lines are a good unit for code and
+    prose. The sample (not the whole corpus) is held in memory.
+    """
+    rng = random.Random(seed)
+    sample: list[str] = []
+    seen = 0
+    for doc in iter_documents(inputs, text_key):
+        for line in doc.text.split("\n"):
+            if not line.strip():
+                continue
+            seen += 1
+            if len(sample) < max_sentences:
+                sample.append(line)
+            else:
+                j = rng.randrange(seen)
+                if j < max_sentences:
+                    sample[j] = line
+    if not sample:
+        raise ConfigError(f"{', '.join(inputs)}: no text to train a tokenizer on")
+    return iter(sample)
+
+
+def train_tokenizer(inputs: list[str], output_prefix: str, vocab_size: int = 32000,
+                    text_key: str = "text", max_sentences: int = 2_000_000,
+                    character_coverage: float = 0.99995, num_threads: Optional[int] = None,
+                    seed: int = 0) -> str:
+    """Train a LLaMA-style SentencePiece BPE model; returns the path of ``<prefix>.model``.
+
+    Inputs are .txt (one document per line), .jsonl or .jsonl.gz (``text_key`` field).
+    Files appear only when training succeeded (written to a temporary prefix, then renamed).
+    """
+    import sentencepiece as spm
+
+    if vocab_size < 260:
+        raise ConfigError(f"vocab_size={vocab_size} is too small: 256 byte tokens + 3 specials "
+                          "are always in the vocabulary")
+    out_dir = os.path.dirname(os.path.abspath(output_prefix))
+    os.makedirs(out_dir, exist_ok=True)
+    sentences = _training_sentences(inputs, text_key, max_sentences, seed)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tokenizer-") as tmp:
+        tmp_prefix = os.path.join(tmp, "tok")
+        spm.SentencePieceTrainer.Train(
+            sentence_iterator=sentences,
+            model_prefix=tmp_prefix,
+            model_type="bpe",
+            vocab_size=vocab_size,
+            split_digits=True,            # paper: numbers split into single digits
+            byte_fallback=True,           # paper: unknown UTF-8 characters -> byte tokens
+            normalization_rule_name="identity",  # keep text exactly (no NFKC)
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            add_dummy_prefix=True,
+            character_coverage=character_coverage,
+            unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1,
+            max_sentence_length=1 << 16,
+            num_threads=num_threads or os.cpu_count() or 1,
+            train_extremely_large_corpus=False,
+            minloglevel=2,
+        )
+        for ext in (".model", ".vocab"):
+            os.replace(tmp_prefix + ext, output_prefix + ext)
+    return output_prefix + ".model"
+
+
+def token_dtype(vocab_size: int):
+    """Smallest numpy dtype megatron-core's indexed dataset reads for this vocabulary."""
+    return np.uint16 if vocab_size < 65500 else np.int32
