@@ -20,6 +20,7 @@ setup(
         "sentencepiece",
         "pyyaml",
         "tqdm",
+        "matplotlib",  # `megatron-llama plot`
         "psutil",  # megatron-core's dist_checkpointing imports it without declaring it
         "wandb",
         "deepspeed",

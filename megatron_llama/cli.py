@@ -89,6 +89,31 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from megatron_llama.training.args import relaunch_with_torchrun, train_config_from_args
+
+    if not args.data and not args.synthetic:
+        raise ConfigError("pass --data BLEND.yaml (with --tokenizer) or --synthetic")
+    launched = "RANK" in os.environ or "SLURM_PROCID" in os.environ
+    if args.nproc_per_node and args.nproc_per_node > 1 and not launched:
+        return relaunch_with_torchrun(args.nproc_per_node, sys.argv[1:])
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from megatron_llama.training.loop import pretrain
+
+    cfg = train_config_from_args(args)
+    summary = pretrain(cfg)
+    return 0 if summary["status"] else 1
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from megatron_llama.training.plot import plot_log
+
+    print(f"wrote {plot_log(args.log, args.output)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-llama",
@@ -154,6 +179,27 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--add-bos", action="store_true", help="also put BOS before each document")
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
     pre.set_defaults(func=cmd_preprocess)
+
+    from megatron_llama.training.args import add_pretrain_args
+
+    pt = sub.add_parser(
+        "pretrain", help="pretrain with the paper's recipe on megatron-core (torchrun/srun)",
+        description="Pretrain a LLaMA preset (plus overrides) with megatron-core: TP/SP/PP/VP/DP "
+        "from flags, DDP + distributed AdamW (0.9/0.95, wd 0.1, clip 1.0), 2000 warmup steps, "
+        "cosine to 10%%, 4M-token batches by default. Run under torchrun or srun, or pass "
+        "--nproc-per-node for local processes. Saves with dist_checkpointing every "
+        "--save-interval steps and on SIGTERM/SIGUSR1, resumes from the latest checkpoint "
+        "(also into another TP/PP layout). Logs loss, lr, grad norm, tokens/s/GPU, TFLOP/s/GPU "
+        "and MFU to stdout, JSONL and optionally wandb.")
+    add_pretrain_args(pt)
+    pt.set_defaults(func=cmd_pretrain)
+
+    plot = sub.add_parser("plot", help="render a run's JSONL log as PNG curves",
+                          description="Plot loss (train and validation), learning rate and "
+                          "tokens/s/GPU from the JSONL log `pretrain` writes.")
+    plot.add_argument("log", help="log.jsonl of a run")
+    plot.add_argument("--output", default="curves.png", help="PNG to write (curves.png)")
+    plot.set_defaults(func=cmd_plot)
     return parser
 
 

@@ -73,6 +73,11 @@ def _divisors(n: int) -> str:
     return ", ".join(str(d) for d in range(1, min(n, 64) + 1) if n % d == 0 and d & (d - 1) == 0)
 
 
+def launcher_world_size() -> int:
+    """World size announced by torchrun (WORLD_SIZE) or srun (SLURM_NTASKS); 1 otherwise."""
+    return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
+
+
 def init_distributed(timeout_s: int = 600) -> tuple[int, int]:
     """Initialise torch.distributed from torchrun/srun environment variables if needed.
 
@@ -87,7 +92,7 @@ def init_distributed(timeout_s: int = 600) -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
+    world = launcher_world_size()
     timeout = datetime.timedelta(seconds=timeout_s)
     backend = platform.default_backend()
     if backend == "nccl":

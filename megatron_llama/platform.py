@@ -69,8 +69,12 @@ _MEGATRON_MODULES = (
     "megatron.core.models.gpt.gpt_model",
     "megatron.core.dist_checkpointing",
     "megatron.core.dist_checkpointing.exchange_utils",
-    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.dist_checkpointing.tensor_aware_state_dict",
     "megatron.core.dist_checkpointing.strategies.async_utils",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.fully_parallel",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.dist_checkpointing.strategies.torch",
 )
 _enabled = False
 

@@ -47,9 +47,15 @@ def wrap_ddp(chunks: list, tconfig, *, use_distributed_optimizer: bool = False,
     return wrapped
 
 
-def lm_loss(per_token_loss: torch.Tensor, loss_mask: Optional[torch.Tensor] = None):
-    """Mean next-token loss of one microbatch, as megatron-core's schedules expect it."""
+def lm_loss(per_token_loss: torch.Tensor, loss_mask: Optional[torch.Tensor] = None,
+            poison: bool = False):
+    """Mean next-token loss of one microbatch, as megatron-core's schedules expect it.
+
+    ``poison`` turns the loss (and so every gradient) into NaN: fault injection for tests.
+    """
     per_token_loss = per_token_loss.float()
+    if poison:
+        per_token_loss = per_token_loss * float("nan")
     if loss_mask is None:
         loss = per_token_loss.mean()
     else:
@@ -59,17 +65,18 @@ def lm_loss(per_token_loss: torch.Tensor, loss_mask: Optional[torch.Tensor] = No
     return loss, {"lm loss": loss.detach().clone()}
 
 
-def _forward_step(data_iterator, model):
+def _forward_step(data_iterator, model, poison: bool = False):
     """One microbatch: tokens [b, s], labels [b, s] -> per-token loss [b, s] and its reducer."""
     batch = next(data_iterator)
     tokens, labels = batch["tokens"], batch["labels"]
     position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     output = model(tokens, position_ids, None, labels=labels)
-    return output, partial(lm_loss, loss_mask=batch.get("loss_mask"))
+    return output, partial(lm_loss, loss_mask=batch.get("loss_mask"), poison=poison)
 
 
 def forward_backward(chunks: list, tconfig, microbatches: list[dict], *, seq_length: int,
-                     micro_batch_size: int, forward_only: bool = False) -> list[torch.Tensor]:
+                     micro_batch_size: int, forward_only: bool = False,
+                     poison: bool = False) -> list[torch.Tensor]:
     """Run megatron-core's schedule for this layout over ``microbatches``.
 
     Each microbatch is ``{"tokens": LongTensor[b, s], "labels": LongTensor[b, s]}``.
@@ -84,7 +91,7 @@ def forward_backward(chunks: list, tconfig, microbatches: list[dict], *, seq_len
     else:
         iterators = iter(microbatches)
     losses = get_forward_backward_func()(
-        forward_step_func=_forward_step,
+        forward_step_func=partial(_forward_step, poison=poison) if poison else _forward_step,
         data_iterator=iterators,
         model=chunks if len(chunks) > 1 else chunks[0],
         num_microbatches=len(microbatches),

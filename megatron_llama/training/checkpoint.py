@@ -1,0 +1,155 @@
+"""Checkpoints through megatron-core dist_checkpointing: complete, atomic, reshardable.
+
+Layout of a checkpoint root:
+    <root>/iter_0000100/          dist_checkpointing files (model, optimizer, scheduler, RNG,
+                                  train state: iteration, consumed samples, skipped steps)
+    <root>/iter_0000100/megatron_llama.json   model config (Meta's names) and layout
+    <root>/latest_checkpointed_iteration.txt  written last, atomically
+
+A checkpoint is written into ``iter_N.tmp`` and renamed only after every rank finished, and
+the tracker names it only after that, so "latest" is always complete; a crash mid-save
+leaves the previous checkpoint as latest. The model and the optimizer use reshardable
+formats, so a run can resume under another TP/PP layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Optional
+
+import torch
+
+TRACKER = "latest_checkpointed_iteration.txt"
+METADATA = "megatron_llama.json"
+OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def latest_iteration(root: str) -> Optional[int]:
+    """The iteration named by the tracker file, or None when there is no checkpoint."""
+    path = os.path.join(root, TRACKER)
+    if not os.path.isfile(path):
+        return None
+    text = open(path, encoding="utf-8").read().strip()
+    if not text.isdigit() or not os.path.isdir(iteration_dir(root, int(text))):
+        from megatron_llama.config import ConfigError
+
+        raise ConfigError(f"{path}: names no complete checkpoint ({text!r})")
+    return int(text)
+
+
+def _rng_object():
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    state = {"torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    pp, tp = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
+    return ShardedObject("rng_state", [state],
+                         (ps.get_pipeline_model_parallel_world_size(),
+                          ps.get_tensor_model_parallel_world_size()),
+                         (pp, tp), replica_id=ps.get_data_parallel_rank(with_context_parallel=True))
+
+
+def _model_key(i: int, n: int) -> str:
+    return "model" if n == 1 else f"model{i}"
+
+
+def _sharded_state(chunks, optimizer, scheduler, train_state: dict, is_loading: bool,
+                   optimizer_metadata: dict, with_rng: bool = True) -> dict:
+    # The GPTModel inside each DDP wrapper: keys are global (layer offsets per stage/chunk).
+    sd: dict = {_model_key(i, len(chunks)): c.module.sharded_state_dict()
+                for i, c in enumerate(chunks)}
+    sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=is_loading,
+                                                   metadata=optimizer_metadata)
+    sd["scheduler"] = scheduler.state_dict()
+    sd["train_state"] = dict(train_state)
+    if with_rng:
+        sd["rng_state"] = _rng_object()
+    return sd
+
+
+def save(root: str, iteration: int, chunks, optimizer, scheduler, train_state: dict,
+         metadata: Optional[dict] = None) -> str:
+    """Save on all ranks (collective); returns the checkpoint directory."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    final = iteration_dir(root, iteration)
+    tmp = final + ".tmp"
+    rank = dist.get_rank()
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    sd = _sharded_state(chunks, optimizer, scheduler, train_state, is_loading=False,
+                        optimizer_metadata=OPTIMIZER_SHARDING)
+    dist_checkpointing.save(sd, tmp, content_metadata=OPTIMIZER_SHARDING)
+    dist.barrier()
+    if rank == 0:
+        with open(os.path.join(tmp, METADATA), "w", encoding="utf-8") as f:
+            json.dump(metadata or {}, f, indent=1)
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        tracker_tmp = os.path.join(root, TRACKER + ".tmp")
+        with open(tracker_tmp, "w", encoding="utf-8") as f:
+            f.write(str(iteration))
+        os.replace(tracker_tmp, os.path.join(root, TRACKER))
+    dist.barrier()
+    return final
+
+
+def load(root: str, chunks, optimizer, scheduler) -> Optional[dict]:
+    """Load the latest checkpoint under ``root`` into the (already built) objects.
+
+    Returns the saved train state, or None when ``root`` holds no checkpoint. RNG states are
+    restored only when the layout is unchanged (they are per TP/PP rank).
+    """
+    from megatron.core import dist_checkpointing
+
+    iteration = latest_iteration(root)
+    if iteration is None:
+        return None
+    path = iteration_dir(root, iteration)
+    saved = _saved_layout(path)
+    same_layout = saved == _current_layout()
+    saved_sharding = dist_checkpointing.load_content_metadata(path) or OPTIMIZER_SHARDING
+    sd = _sharded_state(chunks, optimizer, scheduler, {}, is_loading=True,
+                        optimizer_metadata=saved_sharding, with_rng=same_layout)
+    loaded = dist_checkpointing.load(sd, path)
+    for i, chunk in enumerate(chunks):
+        chunk.module.load_state_dict(loaded[_model_key(i, len(chunks))], strict=True)
+    optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.num_steps = 0  # load_state_dict adds the saved step count to the current one
+    scheduler.load_state_dict(loaded["scheduler"])
+    if same_layout and "rng_state" in loaded:
+        from megatron.core import tensor_parallel
+
+        rng = loaded["rng_state"][0]
+        torch.set_rng_state(rng["torch"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
+    return dict(loaded["train_state"])
+
+
+def _current_layout() -> dict:
+    from megatron.core import parallel_state as ps
+
+    return {"tp": ps.get_tensor_model_parallel_world_size(),
+            "pp": ps.get_pipeline_model_parallel_world_size(),
+            "vp": ps.get_virtual_pipeline_model_parallel_world_size()}
+
+
+def _saved_layout(path: str) -> Optional[dict]:
+    meta = os.path.join(path, METADATA)
+    if not os.path.isfile(meta):
+        return None
+    with open(meta, encoding="utf-8") as f:
+        return json.load(f).get("layout")

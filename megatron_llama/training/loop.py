@@ -1,0 +1,219 @@
+"""The pretraining loop: megatron-core schedules, distributed AdamW, logs, checkpoints, signals.
+
+Per iteration: zero the DDP grad buffers, run the forward-backward schedule of the layout
+(no pipelining, 1F1B or interleaved 1F1B) over the global batch's microbatches, agree on
+the loss and on pending signals across all ranks (one small all-reduce), skip the update
+(or stop) if the loss is not finite, otherwise advance the lr schedule and step the
+optimizer. SIGTERM / SIGUSR1 (how SLURM warns before preemption) make every rank save a
+checkpoint after the current step and exit cleanly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from dataclasses import asdict
+
+import torch
+
+from megatron_llama.config import ConfigError, to_transformer_config
+from megatron_llama.training.recipe import TrainConfig
+
+_signal_received = {"value": 0}
+# Fault injection for tests and drills (documented in the README):
+SIGKILL_TEST_ENV = "MEGATRON_LLAMA_TEST_SIGKILL_AFTER"  # SIGKILL itself after saving step N
+NAN_TEST_ENV = "MEGATRON_LLAMA_TEST_NAN_STEPS"  # comma-separated steps whose loss becomes NaN
+
+
+def _on_signal(signum, frame) -> None:
+    _signal_received["value"] = signum
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def pretrain(cfg: TrainConfig) -> dict:
+    """Run (or resume) pretraining; returns a summary (last step, losses, status)."""
+    from megatron_llama.parallel import launcher_world_size
+
+    cfg.check(launcher_world_size())  # refuse impossible layouts before any work
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_llama.engines.megatron import forward_backward, wrap_ddp
+    from megatron_llama.model import build_model
+    from megatron_llama.parallel import destroy, init_distributed, initialize
+    from megatron_llama.training import checkpoint
+    from megatron_llama.training.data import build_train_data
+    from megatron_llama.training.metrics import (RunLog, flops_per_token, memory_gb,
+                                                 peak_tflops)
+    from megatron_llama.training.recipe import build_optimizer, build_scheduler
+
+    tokenizer = _load_tokenizer(cfg)
+    rank, world = init_distributed()
+    initialize(cfg.layout, seed=cfg.seed)
+    tconfig = to_transformer_config(cfg.model, cfg.layout, dtype=cfg.dtype, recompute=cfg.recompute)
+    chunks = wrap_ddp(build_model(cfg.model, tconfig), tconfig, use_distributed_optimizer=True)
+    optimizer = build_optimizer(chunks, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    state = {"iteration": 0, "consumed_samples": 0, "updates": 0, "skipped": 0}
+    if cfg.load_dir:
+        loaded = checkpoint.load(cfg.load_dir, chunks, optimizer, scheduler)
+        if loaded is not None:
+            state.update(loaded)
+    dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    data = build_train_data(cfg, dp_size, dp_rank, cfg.model.vocab_size,
+                            tokenizer.eos_id if tokenizer else None)
+    log = RunLog(cfg.log_file or (os.path.join(cfg.save_dir, "log.jsonl") if cfg.save_dir else None),
+                 active=rank == 0, wandb_project=cfg.wandb_project, wandb_run=cfg.wandb_run,
+                 wandb_dir=cfg.save_dir, config=_plain(cfg))
+    dist.barrier()  # all ranks measure the CPU peak together, as they will train
+    peak, peak_source = peak_tflops(cfg.peak_tflops)
+    flops_tok = flops_per_token(cfg.model, cfg.seq_length)
+    tokens_per_step = cfg.global_batch * cfg.seq_length
+    if rank == 0:
+        print(f"pretraining {cfg.model.num_params():,} parameters, "
+              f"{cfg.layout.describe(world)}, {data.num_microbatches} microbatches of "
+              f"{cfg.micro_batch} x {cfg.seq_length}, {cfg.dtype}, peak {peak:.3f} TFLOP/s "
+              f"({peak_source}); starting at step {state['iteration'] + 1}", flush=True)
+    _signal_received["value"] = 0
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    losses: dict[int, float] = {}
+    status = "finished"
+    kill_after = int(os.environ.get(SIGKILL_TEST_ENV, 0))
+    nan_steps = {int(x) for x in os.environ.get(NAN_TEST_ENV, "").split(",") if x.strip()}
+    try:
+        while state["iteration"] < cfg.train_steps:
+            it = state["iteration"] + 1
+            start = time.perf_counter()
+            for chunk in chunks:
+                chunk.zero_grad_buffer()
+            optimizer.zero_grad()
+            local = forward_backward(chunks, tconfig, data.train_batches(state["consumed_samples"]),
+                                     seq_length=cfg.seq_length, micro_batch_size=cfg.micro_batch,
+                                     poison=it in nan_steps)
+            loss, stop_signal = _agree(local, _signal_received["value"])
+            record = {"step": it}
+            if math.isfinite(loss):
+                scheduler.step(1)
+                _, grad_norm, _ = optimizer.step()
+                state["updates"] += 1
+                record["grad_norm"] = float(grad_norm) if grad_norm is not None else None
+            else:
+                state["skipped"] += 1
+                message = f"step {it}: loss is {loss}; "
+                if cfg.nan_policy == "stop":
+                    raise NonFiniteLoss(message + "stopping (--on-nan stop)")
+                if rank == 0:
+                    print(message + "update skipped (--on-nan skip)", flush=True)
+            state["iteration"] = it
+            state["consumed_samples"] += cfg.global_batch
+            elapsed = time.perf_counter() - start
+            losses[it] = loss
+            tok_s_gpu = tokens_per_step / elapsed / world
+            tflops = tok_s_gpu * flops_tok / 1e12
+            record.update(loss=loss, lr=optimizer.param_groups[0]["lr"] if optimizer.param_groups
+                          else scheduler.get_lr({}), skipped=state["skipped"],
+                          consumed_samples=state["consumed_samples"], step_time=elapsed,
+                          tokens_per_s_per_gpu=tok_s_gpu, tflops_per_gpu=tflops,
+                          mfu=tflops / peak if peak else None, memory_gb=memory_gb())
+            if it % cfg.log_interval == 0 or it == cfg.train_steps:
+                log.write(record, echo=_format(record))
+            if cfg.eval_interval and it % cfg.eval_interval == 0:
+                _evaluate(chunks, tconfig, data, cfg, log, it)
+            must_save = (cfg.save_interval and it % cfg.save_interval == 0) or stop_signal
+            if cfg.save_dir and (must_save or it == cfg.train_steps):
+                checkpoint.save(cfg.save_dir, it, chunks, optimizer, scheduler, state,
+                                metadata=_checkpoint_metadata(cfg))
+                if kill_after and it >= kill_after:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            if stop_signal:
+                status = f"stopped by a signal after step {it}"
+                if rank == 0:
+                    print(f"{status}; checkpoint saved", flush=True)
+                break
+            if cfg.exit_after_steps and it >= cfg.exit_after_steps:
+                status = f"exit after {it} steps"
+                break
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        log.close()
+        destroy()  # process groups; torch.distributed stays up for another run
+    return {"status": status, "iteration": state["iteration"], "losses": losses,
+            "skipped": state["skipped"]}
+
+
+def _agree(local_losses: list, signum: int) -> tuple[float, bool]:
+    """Global mean loss (from the last pipeline stage) and whether any rank got a signal.
+
+    One all-reduce of [sum of stage losses, number of last-stage ranks, signal flag].
+    """
+    import torch.distributed as dist
+
+    total = torch.zeros(3, dtype=torch.float64)
+    if local_losses:
+        total[0] = torch.stack(local_losses).double().mean()
+        total[1] = 1.0
+    total[2] = 1.0 if signum else 0.0
+    dist.all_reduce(total)
+    loss = (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+    return loss, bool(total[2] > 0)
+
+
+def _evaluate(chunks, tconfig, data, cfg: TrainConfig, log, step: int) -> None:
+    from megatron_llama.engines.megatron import forward_backward
+
+    batches = data.valid_batches(cfg.eval_iters)
+    if not batches:
+        return
+    for chunk in chunks:
+        chunk.eval()
+    with torch.no_grad():
+        per_batch = [forward_backward(chunks, tconfig, b, seq_length=cfg.seq_length,
+                                      micro_batch_size=cfg.micro_batch, forward_only=True)
+                     for b in batches]
+    for chunk in chunks:
+        chunk.train()
+    flat = [l for b in per_batch for l in b]
+    loss, _ = _agree(flat, 0)
+    log.write({"step": step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))},
+              echo=f"step {step:>6} | validation loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.2f}")
+
+
+def _format(r: dict) -> str:
+    mfu = f" | MFU {100 * r['mfu']:.1f}%" if r.get("mfu") else ""
+    gn = f" | grad norm {r['grad_norm']:.3f}" if r.get("grad_norm") is not None else ""
+    return (f"step {r['step']:>6} | loss {r['loss']:.4f} | lr {r['lr']:.3e}{gn} | "
+            f"{r['tokens_per_s_per_gpu']:,.0f} tok/s/GPU | {r['tflops_per_gpu']:.3f} TFLOP/s/GPU"
+            f"{mfu} | {r['step_time'] * 1e3:.0f} ms | mem {r['memory_gb']:.2f} GB"
+            + (f" | skipped {r['skipped']}" if r["skipped"] else ""))
+
+
+def _load_tokenizer(cfg: TrainConfig):
+    if not cfg.tokenizer:
+        return None
+    from megatron_llama.data.tokenizer import Tokenizer
+
+    tok = Tokenizer(cfg.tokenizer)
+    if tok.vocab_size != cfg.model.vocab_size:
+        raise ConfigError(f"{cfg.tokenizer}: tokenizer has {tok.vocab_size} pieces but the model "
+                          f"vocab_size is {cfg.model.vocab_size} (pass --vocab-size)")
+    return tok
+
+
+def _checkpoint_metadata(cfg: TrainConfig) -> dict:
+    """What a reader of the checkpoint (resume, conversion) needs besides the tensors."""
+    return {"model": cfg.model.to_params_json(meta_style=False),
+            "layout": {"tp": cfg.layout.tp, "pp": cfg.layout.pp, "vp": cfg.layout.vp},
+            "sequence_parallel": cfg.layout.sp, "dtype": cfg.dtype,
+            "tokenizer": os.path.abspath(cfg.tokenizer) if cfg.tokenizer else None}
+
+
+def _plain(cfg: TrainConfig) -> dict:
+    out = asdict(cfg)
+    out["layout"] = asdict(cfg.layout)
+    return out

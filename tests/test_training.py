@@ -1,0 +1,151 @@
+"""Pretraining on 2 gloo processes: exact resume after SIGKILL, resume into another layout,
+signal-triggered checkpoints, non-finite losses. Real megatron-core, real dist_checkpointing."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from megatron_llama.config import LlamaConfig
+from megatron_llama.launch import LaunchError, run_processes
+from megatron_llama.parallel import ParallelLayout
+from megatron_llama.training import checkpoint
+from megatron_llama.training.loop import NAN_TEST_ENV, SIGKILL_TEST_ENV
+from megatron_llama.training.recipe import TrainConfig
+
+MODEL = LlamaConfig(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=256,
+                    multiple_of=16, max_seq_len=32)
+N = 3  # checkpoint (and kill) after step N of 2N
+
+
+def tiny_run(save_dir: str, layout: ParallelLayout = ParallelLayout(tp=2), **kw) -> TrainConfig:
+    defaults = dict(model=MODEL, layout=layout, seq_length=32, micro_batch=2, global_batch=8,
+                    train_steps=2 * N, lr=3e-3, warmup_steps=2, dtype="fp32",
+                    save_dir=save_dir, save_interval=N, log_interval=1, seed=7)
+    defaults.update(kw)
+    return TrainConfig(**defaults)
+
+
+def first_worker(rank, world, workdir):
+    """An uninterrupted 2N-step run, then the non-finite-loss policies (DP=2)."""
+    from megatron_llama.training.loop import NonFiniteLoss, pretrain
+
+    out = {"full": pretrain(tiny_run(os.path.join(workdir, "full")))["losses"]}
+    os.environ[NAN_TEST_ENV] = "2"
+    skip = pretrain(tiny_run(os.path.join(workdir, "nan"), ParallelLayout(), train_steps=4))
+    out["skip"] = {"losses": skip["losses"], "skipped": skip["skipped"]}
+    try:
+        pretrain(tiny_run(os.path.join(workdir, "nanstop"), ParallelLayout(), nan_policy="stop"))
+        out["stop"] = "did not stop"
+    except NonFiniteLoss as e:
+        out["stop"] = str(e)
+    os.environ.pop(NAN_TEST_ENV)
+    return out
+
+
+def killed_worker(rank, world, workdir):
+    from megatron_llama.training.loop import pretrain
+
+    os.environ[SIGKILL_TEST_ENV] = str(N)
+    pretrain(tiny_run(os.path.join(workdir, "killed")))
+    return "not killed"
+
+
+def resume_worker(rank, world, workdir):
+    from megatron_llama.training.loop import pretrain
+
+    same = pretrain(tiny_run(os.path.join(workdir, "killed"),
+                             load_dir=os.path.join(workdir, "killed")))["losses"]
+    other = pretrain(tiny_run(os.path.join(workdir, "relayout"), ParallelLayout(pp=2),
+                              load_dir=os.path.join(workdir, "relayout")))["losses"]
+    return {"same": same, "other": other}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("train"))
+    first = run_processes(first_worker, 2, workdir, timeout=600)
+    with pytest.raises(LaunchError, match="exited abnormally"):
+        run_processes(killed_worker, 2, workdir, timeout=600)
+    killed = os.path.join(workdir, "killed")
+    assert checkpoint.latest_iteration(killed) == N
+    # Another layout starts from a copy of the same step-N checkpoint.
+    relayout = os.path.join(workdir, "relayout")
+    shutil.copytree(killed, relayout)
+    resumed = run_processes(resume_worker, 2, workdir, timeout=600)
+    return first, resumed, workdir
+
+
+def test_sigkill_then_resume_is_bitwise_identical(runs):
+    first, resumed, _ = runs
+    full = first[0]["full"]
+    assert sorted(full) == list(range(1, 2 * N + 1))
+    assert full[2 * N] < full[1]  # it trains
+    same = resumed[0]["same"]
+    assert sorted(same) == list(range(N + 1, 2 * N + 1))
+    for step in same:
+        assert same[step] == full[step], (step, same[step], full[step])  # bitwise
+
+
+def test_resume_into_another_layout(runs):
+    first, resumed, workdir = runs
+    full, other = first[0]["full"], resumed[0]["other"]
+    assert sorted(other) == list(range(N + 1, 2 * N + 1))
+    for step in other:  # TP=2 checkpoint continued at PP=2: same numbers up to rounding
+        assert abs(other[step] - full[step]) <= 1e-5 * abs(full[step]), (step, other, full)
+    meta = json.load(open(os.path.join(workdir, "relayout", f"iter_{2 * N:07d}",
+                                       checkpoint.METADATA)))
+    assert meta["layout"] == {"tp": 1, "pp": 2, "vp": None}
+
+
+def test_nonfinite_loss_skipped_or_stopped(runs):
+    first, _, _ = runs
+    skip = first[0]["skip"]
+    assert skip["skipped"] == 1 and math.isnan(skip["losses"][2])
+    assert all(math.isfinite(skip["losses"][s]) for s in (1, 3, 4))
+    assert first[0]["stop"].startswith("step 2: loss is nan; stopping")
+
+
+def test_checkpoint_on_sigusr1_and_clean_exit(tmp_path):
+    import psutil
+
+    save = tmp_path / "ckpt"
+    cmd = [sys.executable, "-m", "megatron_llama.cli", "pretrain", "--synthetic",
+           "--nproc-per-node", "2", "--tp", "2", "--dim", "64", "--n-layers", "2",
+           "--n-heads", "4", "--vocab-size", "256", "--max-seq-len", "32",
+           "--global-batch", "4", "--train-steps", "100000", "--warmup-steps", "10",
+           "--save", str(save), "--log-interval", "1"]
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        log = save / "log.jsonl"
+        while time.time() < deadline:
+            if log.exists() and len(log.read_text().splitlines()) >= 2:
+                break
+            assert launcher.poll() is None, launcher.stdout.read()
+            time.sleep(0.5)
+        else:
+            pytest.fail("training did not start")
+        workers = [p for p in psutil.Process(launcher.pid).children(recursive=True)
+                   if "megatron_llama.cli" in " ".join(p.cmdline()) and "torch.distributed.run"
+                   not in " ".join(p.cmdline())]
+        assert len(workers) == 2
+        for w in workers:  # as SLURM does with --signal=USR1@T: every task gets it
+            w.send_signal(signal.SIGUSR1)
+        output, _ = launcher.communicate(timeout=240)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 0, output
+    assert "stopped by a signal after step" in output
+    step = checkpoint.latest_iteration(str(save))
+    assert step is not None and 2 <= step < 100000
+    assert not any(p.name.endswith(".tmp") for p in save.iterdir())
