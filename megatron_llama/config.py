@@ -268,6 +268,9 @@ def to_transformer_config(
         apply_rope_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
+        # On CPU, full weights are drawn from the seeded CPU generator and then sliced, so
+        # the initial model is the same for every TP/DP layout. GPUs initialise in place.
+        use_cpu_initialization=not on_gpu,
         **recompute_kw,
     )
     kwargs.update(overrides)

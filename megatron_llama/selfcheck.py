@@ -21,7 +21,8 @@ from megatron_llama.parallel import ParallelLayout
 CHECK_CONFIG = LlamaConfig(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=128,
                            multiple_of=16, max_seq_len=32)
 MICRO, N_MICRO, SEQ = 2, 4, 16
-CASES: dict[str, tuple[ParallelLayout, str]] = {
+# name -> (layout, recompute, DDP options)
+CASES: dict[str, tuple] = {
     "TP2": (ParallelLayout(tp=2), "none"),
     "TP2-SP": (ParallelLayout(tp=2, sp=True), "none"),
     "PP2-1F1B": (ParallelLayout(pp=2), "none"),
@@ -30,10 +31,14 @@ CASES: dict[str, tuple[ParallelLayout, str]] = {
     "TP2-SP-full-recompute": (ParallelLayout(tp=2, sp=True), "full"),
     "TP2-selective-recompute": (ParallelLayout(tp=2), "selective"),
     "PP2-full-recompute": (ParallelLayout(pp=2), "full"),
+    # Gradient all-reduce overlapped with the backward pass, as `pretrain` runs it. (With the
+    # distributed optimizer each rank keeps only its shard of the reduced gradient; that
+    # path is checked through training losses in tests/test_training.py.)
+    "DP2-overlap-grad-reduce": (ParallelLayout(), "none", {"overlap_grad_reduce": True}),
 }
 
 
-def run_case(layout: ParallelLayout, recompute: str = "none",
+def run_case(layout: ParallelLayout, recompute: str = "none", ddp: Optional[dict] = None,
              cfg: LlamaConfig = CHECK_CONFIG) -> dict:
     """One forward-backward of the global batch under ``layout`` on this rank.
 
@@ -55,7 +60,7 @@ def run_case(layout: ParallelLayout, recompute: str = "none",
         tconfig = to_transformer_config(cfg, layout, recompute=recompute)
         chunks = build_model(cfg, tconfig)
         load_meta_state_dict(chunks, weights, cfg)
-        chunks = wrap_ddp(chunks, tconfig)
+        chunks = wrap_ddp(chunks, tconfig, **(ddp or {}))
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         per_rank = len(batches) // dp
         mine = batches[dp_rank * per_rank:(dp_rank + 1) * per_rank]

@@ -56,7 +56,8 @@ def pretrain(cfg: TrainConfig) -> dict:
     rank, world = init_distributed()
     initialize(cfg.layout, seed=cfg.seed)
     tconfig = to_transformer_config(cfg.model, cfg.layout, dtype=cfg.dtype, recompute=cfg.recompute)
-    chunks = wrap_ddp(build_model(cfg.model, tconfig), tconfig, use_distributed_optimizer=True)
+    chunks = wrap_ddp(build_model(cfg.model, tconfig), tconfig, use_distributed_optimizer=True,
+                      overlap_grad_reduce=True)  # DP reduce-scatter overlaps the backward
     optimizer = build_optimizer(chunks, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     state = {"iteration": 0, "consumed_samples": 0, "updates": 0, "skipped": 0}
