@@ -158,3 +158,30 @@ def test_checkpoint_on_sigusr1_and_clean_exit(tmp_path):
     step = checkpoint.latest_iteration(str(save))
     assert step is not None and 2 <= step < 100000
     assert not any(p.name.endswith(".tmp") for p in save.iterdir())
+
+
+def test_log_records_wandb_and_plot(megatron_single, tmp_path):
+    """One process, bf16: every logged field, validation, wandb offline run, PNG curves."""
+    from megatron_llama.training.loop import pretrain
+    from megatron_llama.training.plot import plot_log
+
+    cfg = tiny_run(str(tmp_path / "run"), ParallelLayout(), train_steps=4, eval_interval=2,
+                   eval_iters=1, dtype="bf16", wandb_project="megatron-llama-test",
+                   wandb_run="tiny")
+    os.environ["WANDB_MODE"] = "offline"
+    summary = pretrain(cfg)
+    assert summary["status"] == "finished" and summary["iteration"] == 4
+    records = [json.loads(l) for l in open(tmp_path / "run" / "log.jsonl")]
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    for key in ("lr", "grad_norm", "skipped", "tokens_per_s_per_gpu", "tflops_per_gpu", "mfu",
+                "memory_gb", "consumed_samples", "step_time"):
+        assert all(r[key] is not None for r in train), key
+    assert [r["consumed_samples"] for r in train] == [8, 16, 24, 32]
+    val = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in val] == [2, 4]
+    assert val[0]["val_ppl"] == pytest.approx(math.exp(val[0]["val_loss"]))
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+    png = plot_log(str(tmp_path / "run" / "log.jsonl"), str(tmp_path / "curves.png"))
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
