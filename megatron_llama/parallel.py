@@ -42,7 +42,7 @@ class ParallelLayout:
             raise ConfigError(f"TP, PP and VP must be positive, got {self}")
         if cfg.n_heads % self.tp:
             raise ConfigError(f"n_heads={cfg.n_heads} is not divisible by TP={self.tp} "
-                              f"(legal TP: {_divisors(cfg.n_heads)})")
+                              f"(legal TP: {_power_of_two_divisors(cfg.n_heads)})")
         if cfg.num_kv_heads % self.tp:
             raise ConfigError(f"n_kv_heads={cfg.num_kv_heads} is not divisible by TP={self.tp}")
         if cfg.ffn_hidden_size % self.tp:
@@ -69,7 +69,7 @@ class ParallelLayout:
                                       f"({n_micro}) to be a multiple of PP={self.pp}")
 
 
-def _divisors(n: int) -> str:
+def _power_of_two_divisors(n: int) -> str:
     return ", ".join(str(d) for d in range(1, min(n, 64) + 1) if n % d == 0 and d & (d - 1) == 0)
 
 

@@ -185,3 +185,15 @@ def test_log_records_wandb_and_plot(megatron_single, tmp_path):
     assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
     png = plot_log(str(tmp_path / "run" / "log.jsonl"), str(tmp_path / "curves.png"))
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_checkpoint_of_another_model_refused(runs, megatron_single, tmp_path):
+    from megatron_llama.config import ConfigError
+    from megatron_llama.training.loop import pretrain
+
+    _, _, workdir = runs
+    other = tiny_run(str(tmp_path / "other"), ParallelLayout(), model=MODEL.replace(dim=128),
+                     load_dir=os.path.join(workdir, "full"))
+    with pytest.raises(ConfigError, match="checkpoint is of a different model .dim differ") as e:
+        pretrain(other)
+    assert "\n" not in str(e.value)

@@ -107,11 +107,13 @@ def save(root: str, iteration: int, chunks, optimizer, scheduler, train_state: d
     return final
 
 
-def load(root: str, chunks, optimizer, scheduler) -> Optional[dict]:
+def load(root: str, chunks, optimizer, scheduler, expected_model: Optional[dict] = None
+         ) -> Optional[dict]:
     """Load the latest checkpoint under ``root`` into the (already built) objects.
 
     Returns the saved train state, or None when ``root`` holds no checkpoint. RNG states are
-    restored only when the layout is unchanged (they are per TP/PP rank).
+    restored only when the layout is unchanged (they are per TP/PP rank). A checkpoint of a
+    different model (``expected_model``: params.json fields) is refused with one line.
     """
     from megatron.core import dist_checkpointing
 
@@ -119,8 +121,15 @@ def load(root: str, chunks, optimizer, scheduler) -> Optional[dict]:
     if iteration is None:
         return None
     path = iteration_dir(root, iteration)
-    saved = _saved_layout(path)
-    same_layout = saved == _current_layout()
+    meta = _saved_metadata(path)
+    if expected_model is not None and meta.get("model") not in (None, expected_model):
+        from megatron_llama.config import ConfigError
+
+        diff = sorted(k for k in set(expected_model) | set(meta["model"])
+                      if expected_model.get(k) != meta["model"].get(k))
+        raise ConfigError(f"{path}: checkpoint is of a different model ({', '.join(diff)} "
+                          "differ); choose another --save/--load")
+    same_layout = meta.get("layout") == _current_layout()
     saved_sharding = dist_checkpointing.load_content_metadata(path) or OPTIMIZER_SHARDING
     sd = _sharded_state(chunks, optimizer, scheduler, {}, is_loading=True,
                         optimizer_metadata=saved_sharding, with_rng=same_layout)
@@ -147,9 +156,9 @@ def _current_layout() -> dict:
             "vp": ps.get_virtual_pipeline_model_parallel_world_size()}
 
 
-def _saved_layout(path: str) -> Optional[dict]:
+def _saved_metadata(path: str) -> dict:
     meta = os.path.join(path, METADATA)
     if not os.path.isfile(meta):
-        return None
+        return {}
     with open(meta, encoding="utf-8") as f:
-        return json.load(f).get("layout")
+        return json.load(f)

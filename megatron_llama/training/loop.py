@@ -37,24 +37,30 @@ class NonFiniteLoss(RuntimeError):
 
 def pretrain(cfg: TrainConfig) -> dict:
     """Run (or resume) pretraining; returns a summary (last step, losses, status)."""
-    from megatron_llama.parallel import launcher_world_size
+    from megatron_llama.parallel import destroy, init_distributed, initialize, launcher_world_size
 
     cfg.check(launcher_world_size())  # refuse impossible layouts before any work
+    tokenizer = _load_tokenizer(cfg)
+    rank, world = init_distributed()
+    initialize(cfg.layout, seed=cfg.seed)
+    try:
+        return _train(cfg, tokenizer, rank, world)
+    finally:
+        destroy()  # process groups; torch.distributed stays up for another run
+
+
+def _train(cfg: TrainConfig, tokenizer, rank: int, world: int) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     from megatron_llama.engines.megatron import forward_backward, wrap_ddp
     from megatron_llama.model import build_model
-    from megatron_llama.parallel import destroy, init_distributed, initialize
     from megatron_llama.training import checkpoint
     from megatron_llama.training.data import build_train_data
     from megatron_llama.training.metrics import (RunLog, flops_per_token, memory_gb,
                                                  peak_tflops)
     from megatron_llama.training.recipe import build_optimizer, build_scheduler
 
-    tokenizer = _load_tokenizer(cfg)
-    rank, world = init_distributed()
-    initialize(cfg.layout, seed=cfg.seed)
     tconfig = to_transformer_config(cfg.model, cfg.layout, dtype=cfg.dtype, recompute=cfg.recompute)
     chunks = wrap_ddp(build_model(cfg.model, tconfig), tconfig, use_distributed_optimizer=True,
                       overlap_grad_reduce=True)  # DP reduce-scatter overlaps the backward
@@ -62,7 +68,8 @@ def pretrain(cfg: TrainConfig) -> dict:
     scheduler = build_scheduler(optimizer, cfg)
     state = {"iteration": 0, "consumed_samples": 0, "updates": 0, "skipped": 0}
     if cfg.load_dir:
-        loaded = checkpoint.load(cfg.load_dir, chunks, optimizer, scheduler)
+        loaded = checkpoint.load(cfg.load_dir, chunks, optimizer, scheduler,
+                                 expected_model=_checkpoint_metadata(cfg)["model"])
         if loaded is not None:
             state.update(loaded)
     dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -143,7 +150,6 @@ def pretrain(cfg: TrainConfig) -> dict:
         for s, handler in previous.items():
             signal.signal(s, handler)
         log.close()
-        destroy()  # process groups; torch.distributed stays up for another run
     return {"status": status, "iteration": state["iteration"], "losses": losses,
             "skipped": state["skipped"]}
 
