@@ -114,6 +114,14 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from megatron_llama.convert.run import convert
+
+    print(convert(args.input, args.output, args.to, shards=args.shards, dtype=args.dtype,
+                  force=args.force, progress=not args.no_progress))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-llama",
@@ -193,6 +201,25 @@ def build_parser() -> argparse.ArgumentParser:
         "and MFU to stdout, JSONL and optionally wandb.")
     add_pretrain_args(pt)
     pt.set_defaults(func=cmd_pretrain)
+
+    conv = sub.add_parser(
+        "convert", help="convert checkpoints between Meta, Megatron and Hugging Face formats",
+        description="Convert a checkpoint directory (format detected) to --to. Inputs are "
+        "validated before anything is written, tensors are memory-mapped and never unpickled "
+        "as code, and the output appears only when complete. Implemented: meta -> meta "
+        "(re-shard, change dtype).")
+    conv.add_argument("--input", required=True, help="checkpoint directory")
+    conv.add_argument("--output", required=True, help="directory to create")
+    conv.add_argument("--to", required=True, choices=("meta", "megatron", "hf"),
+                      help="target format")
+    conv.add_argument("--shards", type=int, default=None,
+                      help="Meta target: number of consolidated files (default: Meta's "
+                           "original count for the model size: 1/2/4/8)")
+    conv.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default=None,
+                      help="output precision (default: the input's)")
+    conv.add_argument("--force", action="store_true", help="replace an existing output")
+    conv.add_argument("--no-progress", action="store_true", help="no progress bar")
+    conv.set_defaults(func=cmd_convert)
 
     plot = sub.add_parser("plot", help="render a run's JSONL log as PNG curves",
                           description="Plot loss (train and validation), learning rate and "
