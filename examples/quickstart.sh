@@ -2,9 +2,10 @@
 # megatron_llama quickstart: the main job end to end on a CPU machine, no download.
 #
 #   built-in corpus -> SentencePiece tokenizer -> indexed datasets -> pretrain the tiny
-#   preset with TP=2 on 2 processes (validation loss falls) -> curves PNG
+#   preset with TP=2 on 2 processes (validation loss falls) -> curves PNG -> Meta's
+#   consolidated format (params.json + consolidated.00.pth + tokenizer.model)
 #
-# Conversion to Meta's format and generation join when the conversion issue lands.
+# Text generation joins when `megatron-llama generate` lands (conversion issue).
 # Usage: bash examples/quickstart.sh [workdir]   (default: ./quickstart)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +30,9 @@ megatron-llama pretrain --preset tiny --nproc-per-node 2 --tp 2 \
     --micro-batch 4 --global-batch 16 --train-steps 60 --warmup-steps 6 \
     --eval-interval 20 --eval-iters 2 --log-interval 5 --save "$WORK/checkpoints"
 megatron-llama plot "$WORK/checkpoints/log.jsonl" --output "$WORK/curves.png"
+megatron-llama convert --input "$WORK/checkpoints" --output "$WORK/meta" --to meta --force \
+    --no-progress
+ls -l "$WORK/meta"
 python - "$WORK/checkpoints/log.jsonl" <<'PY'
 import json, sys
 val = [json.loads(l) for l in open(sys.argv[1]) if '"val_loss"' in l]

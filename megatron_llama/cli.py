@@ -117,8 +117,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from megatron_llama.convert.run import convert
 
-    print(convert(args.input, args.output, args.to, shards=args.shards, dtype=args.dtype,
-                  force=args.force, progress=not args.no_progress))
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    print(convert(args.input, args.output, args.to, shards=args.shards, tp=args.tp, pp=args.pp,
+                  dtype=args.dtype, force=args.force, progress=not args.no_progress))
     return 0
 
 
@@ -207,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert a checkpoint directory (format detected) to --to. Inputs are "
         "validated before anything is written, tensors are memory-mapped and never unpickled "
         "as code, and the output appears only when complete. Implemented: meta -> meta "
-        "(re-shard, change dtype).")
+        "(re-shard, change dtype), meta -> megatron (a model-only checkpoint `pretrain --load` "
+        "starts from, under any layout), megatron -> meta.")
     conv.add_argument("--input", required=True, help="checkpoint directory")
     conv.add_argument("--output", required=True, help="directory to create")
     conv.add_argument("--to", required=True, choices=("meta", "megatron", "hf"),
@@ -215,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--shards", type=int, default=None,
                       help="Meta target: number of consolidated files (default: Meta's "
                            "original count for the model size: 1/2/4/8)")
+    conv.add_argument("--tp", type=int, default=1,
+                      help="Megatron target: intended tensor-parallel size (checked)")
+    conv.add_argument("--pp", type=int, default=1,
+                      help="Megatron target: intended pipeline-parallel size (checked)")
     conv.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default=None,
                       help="output precision (default: the input's)")
     conv.add_argument("--force", action="store_true", help="replace an existing output")

@@ -2,8 +2,8 @@
 
 Formats: ``meta`` (params.json + consolidated.NN.pth), ``megatron`` (a `pretrain` checkpoint
 root), ``hf`` (Hugging Face LlamaForCausalLM directory). Implemented so far: Meta -> Meta
-(re-sharding to 1/2/4/8 files, dtype change); the Megatron and Hugging Face readers and
-writers are the next step of the conversion issue and are refused with one line until then.
+(re-sharding to 1/2/4/8 files, dtype change, streaming), Meta -> Megatron and Megatron ->
+Meta; the Hugging Face reader and writer are refused with one line until they land.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ def detect_format(path: str) -> str:
 
 
 def convert(input_dir: str, output_dir: str, to: str, *, shards: Optional[int] = None,
-            dtype: Optional[str] = None, force: bool = False, progress: bool = True) -> str:
+            tp: int = 1, pp: int = 1, dtype: Optional[str] = None, force: bool = False,
+            progress: bool = True) -> str:
     """Convert ``input_dir`` to format ``to`` in ``output_dir``; returns a one-line summary."""
     from tqdm import tqdm
 
@@ -46,16 +47,41 @@ def convert(input_dir: str, output_dir: str, to: str, *, shards: Optional[int] =
     source = detect_format(input_dir)
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}")
-    if (source, to) != ("meta", "meta"):
-        raise ConfigError(f"conversion {source} -> {to} is not implemented yet "
-                          "(available: meta -> meta)")
+    if "hf" in (source, to) or (source, to) == ("megatron", "megatron"):
+        raise ConfigError(f"conversion {source} -> {to} is not implemented yet (available: "
+                          "meta -> meta, meta -> megatron, megatron -> meta)")
     if os.path.abspath(input_dir) == os.path.abspath(output_dir):
         raise ConfigError(f"{output_dir}: output must differ from the input")
-    ckpt = MetaCheckpoint(input_dir)
-    n = shards or META_SHARDS_BY_DIM.get(ckpt.config.dim, ckpt.num_shards)
-    out_dtype = DTYPES[dtype] if dtype else ckpt.dtype
-    bar = (lambda it: tqdm(it, desc="shards", unit="shard")) if progress else None
-    write_meta(output_dir, ckpt.config, ckpt.tensor, n, dtype=out_dtype,
-               tokenizer=ckpt.tokenizer, force=force, progress=bar)
-    return (f"wrote {output_dir}: Meta format, {n} shard(s), {out_dtype}, "
-            f"{ckpt.config.num_params():,} parameters (from {ckpt.num_shards} shard(s))")
+    if os.path.exists(output_dir) and not force:
+        raise ConfigError(f"{output_dir}: already exists (pass --force to replace it)")
+    if source == "meta":
+        ckpt = MetaCheckpoint(input_dir)
+        cfg, get_tensor, in_dtype, tokenizer = ckpt.config, ckpt.tensor, ckpt.dtype, ckpt.tokenizer
+        in_shards = ckpt.num_shards
+        origin = f"Meta, {in_shards} shard(s)"
+    else:
+        from megatron_llama.convert.megatron import read_megatron
+
+        cfg, weights, meta = read_megatron(input_dir)
+        get_tensor, in_dtype = weights.__getitem__, next(iter(weights.values())).dtype
+        tokenizer = meta.get("tokenizer") if meta.get("tokenizer") and os.path.isfile(
+            meta["tokenizer"]) else None
+        in_shards = 1
+        origin = f"Megatron, saved at {meta.get('layout')}"
+    out_dtype = DTYPES[dtype] if dtype else in_dtype
+    if to == "meta":
+        n = shards or META_SHARDS_BY_DIM.get(cfg.dim, in_shards)
+        bar = (lambda it: tqdm(it, desc="shards", unit="shard")) if progress else None
+        write_meta(output_dir, cfg, get_tensor, n, dtype=out_dtype, tokenizer=tokenizer,
+                   force=force, progress=bar)
+        target = f"Meta format, {n} shard(s)"
+    else:
+        from megatron_llama.convert.canonical import meta_keys
+        from megatron_llama.convert.megatron import write_megatron
+
+        weights = {k: get_tensor(k) for k in meta_keys(cfg)}
+        write_megatron(output_dir, cfg, weights, dtype=out_dtype, tp=tp, pp=pp,
+                       tokenizer=tokenizer, force=force)
+        target = f"Megatron checkpoint (model only, for TP={tp} PP={pp}; loads under any layout)"
+    return (f"wrote {output_dir}: {target}, {out_dtype}, {cfg.num_params():,} parameters "
+            f"(from {origin})")

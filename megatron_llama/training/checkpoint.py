@@ -111,7 +111,8 @@ def load(root: str, chunks, optimizer, scheduler, expected_model: Optional[dict]
          ) -> Optional[dict]:
     """Load the latest checkpoint under ``root`` into the (already built) objects.
 
-    Returns the saved train state, or None when ``root`` holds no checkpoint. RNG states are
+    Returns the saved train state, or None when ``root`` holds no checkpoint or only model
+    weights (a converted checkpoint: training then starts at step 0 from them). RNG states are
     restored only when the layout is unchanged (they are per TP/PP rank). A checkpoint of a
     different model (``expected_model``: params.json fields) is refused with one line.
     """
@@ -129,6 +130,14 @@ def load(root: str, chunks, optimizer, scheduler, expected_model: Optional[dict]
                       if expected_model.get(k) != meta["model"].get(k))
         raise ConfigError(f"{path}: checkpoint is of a different model ({', '.join(diff)} "
                           "differ); choose another --save/--load")
+    if meta.get("model_only"):  # e.g. converted from Meta's weights: start from them at step 0
+        loaded = dist_checkpointing.load(
+            {_model_key(i, len(chunks)): c.module.sharded_state_dict() for i, c in enumerate(chunks)},
+            path)
+        for i, chunk in enumerate(chunks):
+            chunk.module.load_state_dict(loaded[_model_key(i, len(chunks))], strict=True)
+        optimizer.reload_model_params()  # fp32 main weights from the loaded model weights
+        return None
     same_layout = meta.get("layout") == _current_layout()
     saved_sharding = dist_checkpointing.load_content_metadata(path) or OPTIMIZER_SHARDING
     sd = _sharded_state(chunks, optimizer, scheduler, {}, is_loading=True,
