@@ -3,9 +3,8 @@
 #
 #   built-in corpus -> SentencePiece tokenizer -> indexed datasets -> pretrain the tiny
 #   preset with TP=2 on 2 processes (validation loss falls) -> curves PNG -> Meta's
-#   consolidated format (params.json + consolidated.00.pth + tokenizer.model)
-#
-# Text generation joins when `megatron-llama generate` lands (conversion issue).
+#   consolidated format (params.json + consolidated.00.pth + tokenizer.model) -> text
+#   generated from the converted model (greedy, KV cache)
 # Usage: bash examples/quickstart.sh [workdir]   (default: ./quickstart)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +32,7 @@ megatron-llama plot "$WORK/checkpoints/log.jsonl" --output "$WORK/curves.png"
 megatron-llama convert --input "$WORK/checkpoints" --output "$WORK/meta" --to meta --force \
     --no-progress
 ls -l "$WORK/meta"
+megatron-llama generate --checkpoint "$WORK/meta" --prompt "def " --max-new-tokens 48
 python - "$WORK/checkpoints/log.jsonl" <<'PY'
 import json, sys
 val = [json.loads(l) for l in open(sys.argv[1]) if '"val_loss"' in l]

@@ -125,6 +125,26 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    launched = "RANK" in os.environ or "SLURM_PROCID" in os.environ
+    if args.tp > 1 and not launched:
+        from megatron_llama.training.args import relaunch_with_torchrun
+
+        return relaunch_with_torchrun(args.tp, sys.argv[1:])
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from megatron_llama.generate import Sampling, generate_text
+
+    sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_p=args.top_p, seed=args.seed)
+    text = generate_text(args.checkpoint, args.prompt, sampling, tp=args.tp,
+                         tokenizer_path=args.tokenizer)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(args.prompt + text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-llama",
@@ -228,6 +248,22 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--force", action="store_true", help="replace an existing output")
     conv.add_argument("--no-progress", action="store_true", help="no progress bar")
     conv.set_defaults(func=cmd_convert)
+
+    gen = sub.add_parser(
+        "generate", help="sample text from a Meta directory or a Megatron checkpoint",
+        description="Continue --prompt with a KV-cached megatron-core model loaded from a Meta "
+        "directory or a `pretrain` checkpoint: greedy (--temperature 0, default) or "
+        "temperature + top-p sampling. --tp 2 runs on 2 local processes.")
+    gen.add_argument("--checkpoint", required=True, help="Meta directory or checkpoint root")
+    gen.add_argument("--prompt", required=True, help="text to continue")
+    gen.add_argument("--tp", type=int, default=1, help="tensor-parallel size (1 or 2 on CPU)")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to add (64)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=0.9, help="nucleus mass when sampling (0.9)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
+    gen.add_argument("--tokenizer", default=None,
+                     help="SentencePiece model (default: the checkpoint's tokenizer.model)")
+    gen.set_defaults(func=cmd_generate)
 
     plot = sub.add_parser("plot", help="render a run's JSONL log as PNG curves",
                           description="Plot loss (train and validation), learning rate and "

@@ -28,9 +28,9 @@ What it adapts, and why (all only when ``torch.cuda.is_available()`` is False):
 6. The RNG tracker warns "CPU RNG state changed within GPU RNG context" whenever it runs
    dropout or initialisation, because on CPU the two generators are one: silenced.
 
-Call `enable_cpu_adapter()` after importing megatron-core and before building models; it is
-idempotent and re-applies itself to megatron-core modules imported since the last call
-(`megatron_llama.model.build_model` and the parallel initialiser call it for you).
+Call `enable_cpu_adapter()` before building models (`megatron_llama.parallel.initialize` and
+`megatron_llama.model.build_model` call it for you); it is idempotent. megatron-core modules
+imported later (many are imported lazily) get the proxy too, through a small import hook.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import importlib.abc
 import logging
 import sys
 import types
@@ -231,6 +232,38 @@ def _patch_rng() -> None:
     logging.getLogger(mrandom.__name__).addFilter(_SilenceForkWarning())
 
 
+class _SwapTorchLoader(importlib.abc.Loader):
+    """Runs a megatron-core module's own loader, then gives the module the torch proxy."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self.loader.exec_module(module)
+        if getattr(module, "torch", None) is torch:
+            module.torch = _CPU_TORCH
+
+
+class _SwapTorchFinder(importlib.abc.MetaPathFinder):
+    """Import hook: megatron.core modules imported after enabling are adapted as well."""
+
+    def find_spec(self, name, path, target=None):
+        if not name.startswith("megatron.core"):
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _SwapTorchLoader(spec.loader)
+                return spec
+        return None
+
+
 def _swap_torch_in_loaded_modules() -> None:
     for name, module in list(sys.modules.items()):
         if name.startswith("megatron.core") and getattr(module, "torch", None) is torch:
@@ -249,6 +282,7 @@ def enable_cpu_adapter() -> bool:
         importlib.import_module(name)
     _swap_torch_in_loaded_modules()
     if not _enabled:
+        sys.meta_path.insert(0, _SwapTorchFinder())
         _patch_rng()
         _patch_type_checks()
         torch.Tensor.cuda = lambda self, *args, **kwargs: self

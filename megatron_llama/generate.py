@@ -1,0 +1,134 @@
+"""`megatron-llama generate`: sample text from a Meta directory or a Megatron checkpoint.
+
+The model is megatron-core's GPTModel in the current layout (TP=1, or TP=2 under torchrun /
+``--nproc-per-node 2``), with megatron-core's static KV cache: the prompt is run once
+(prefill), then each new token costs one single-position forward over the cached keys and
+values. Greedy (``temperature 0``) or temperature + top-p (nucleus) sampling; every rank
+draws from the same seeded generator over the same gathered logits, so all ranks agree.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron_llama.config import ConfigError, LlamaConfig
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 0.9
+    seed: int = 0
+
+
+def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
+    """Next token id from last-position logits [V]: greedy, or top-p over softmax(l / T)."""
+    if sampling.temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.double() / sampling.temperature, dim=-1)
+    sorted_probs, order = torch.sort(probs, descending=True)
+    keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < sampling.top_p  # always keeps top-1
+    sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
+    choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
+    return int(order[choice])
+
+
+def generate_ids(model, cfg: LlamaConfig, prompt_ids: list[int], sampling: Sampling,
+                 eos_id: Optional[int] = None) -> list[int]:
+    """New token ids after ``prompt_ids`` (stops at ``eos_id``), with a KV cache."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    total = min(cfg.max_seq_len, len(prompt_ids) + sampling.max_new_tokens)
+    if len(prompt_ids) >= total:
+        raise ConfigError(f"prompt of {len(prompt_ids)} tokens leaves no room within "
+                          f"max_seq_len {cfg.max_seq_len}")
+    context = StaticInferenceContext(1, total)
+    generator = torch.Generator().manual_seed(sampling.seed)
+    tokens = torch.tensor([prompt_ids])
+    positions = torch.arange(len(prompt_ids))[None]
+    out: list[int] = []
+    model.eval()
+    with torch.no_grad():
+        while len(prompt_ids) + len(out) < total:
+            logits = model(tokens, positions, None, inference_context=context,
+                           runtime_gather_output=True)
+            context.sequence_len_offset += tokens.shape[1]
+            next_id = sample_next(logits[0, -1, : cfg.vocab_size].float(), sampling, generator)
+            out.append(next_id)
+            if eos_id is not None and next_id == eos_id:
+                break
+            position = len(prompt_ids) + len(out) - 1
+            tokens, positions = torch.tensor([[next_id]]), torch.tensor([[position]])
+    return out
+
+
+def load_model(checkpoint: str, tp: int = 1):
+    """(model, config, tokenizer path or None) for a Meta directory or a Megatron root.
+
+    Runs in the current process group: world size must equal ``tp``.
+    """
+    import torch.distributed as dist
+
+    from megatron_llama.config import to_transformer_config
+    from megatron_llama.convert.run import detect_format
+    from megatron_llama.model import build_model, load_meta_state_dict
+    from megatron_llama.parallel import ParallelLayout, init_distributed, initialize
+
+    source = detect_format(checkpoint)
+    if source == "hf":
+        raise ConfigError(f"{checkpoint}: generating from Hugging Face directories is not "
+                          "supported yet")
+    _, world = init_distributed()
+    layout = ParallelLayout(tp=tp)
+    if world != tp:
+        raise ConfigError(f"generate runs with TP = world size; got TP={tp}, world {world}")
+    dtype = "bf16" if torch.cuda.is_available() else "fp32"
+    if source == "meta":
+        from megatron_llama.convert.meta import MetaCheckpoint
+
+        ckpt = MetaCheckpoint(checkpoint)
+        cfg, tokenizer = ckpt.config, ckpt.tokenizer
+    else:
+        from megatron_llama.convert.megatron import read_metadata
+
+        path, meta = read_metadata(checkpoint)
+        cfg = LlamaConfig.from_dict(meta["model"])
+        tokenizer = meta.get("tokenizer")
+    layout.check(cfg, world)
+    initialize(layout)
+    model = build_model(cfg, to_transformer_config(cfg, layout, dtype=dtype))[0]
+    if source == "meta":
+        weights = {k: ckpt.tensor(k) for k in ckpt.shards[0] if not k.endswith("rope.freqs")}
+        load_meta_state_dict([model], weights, cfg)
+    else:
+        from megatron.core import dist_checkpointing
+
+        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)
+        model.load_state_dict(loaded["model"], strict=True)
+    dist.barrier()
+    return model, cfg, tokenizer if tokenizer and os.path.isfile(tokenizer) else None
+
+
+def generate_text(checkpoint: str, prompt: str, sampling: Sampling, tp: int = 1,
+                  tokenizer_path: Optional[str] = None) -> str:
+    """The prompt's continuation as text (BOS prepended, stops at EOS)."""
+    from megatron_llama.data.tokenizer import Tokenizer
+    from megatron_llama.parallel import destroy
+
+    model, cfg, found = load_model(checkpoint, tp)
+    try:
+        path = tokenizer_path or found
+        if path is None:
+            raise ConfigError(f"{checkpoint}: no tokenizer.model found; pass --tokenizer")
+        tok = Tokenizer(path)
+        if tok.vocab_size != cfg.vocab_size:
+            raise ConfigError(f"{path}: {tok.vocab_size} pieces, model vocab {cfg.vocab_size}")
+        ids = generate_ids(model, cfg, tok.encode(prompt, bos=True), sampling, tok.eos_id)
+        return tok.decode([i for i in ids if i != tok.eos_id])
+    finally:
+        destroy()
