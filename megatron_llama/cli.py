@@ -33,9 +33,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(format_presets())
     if args.presets_only:
         return 0
-    import warnings
-
-    warnings.filterwarnings("ignore")
     from megatron_llama.spec import detect_backends
 
     print("\ndetected on this host:")
@@ -45,9 +42,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_selfcheck(args: argparse.Namespace) -> int:
-    import warnings
-
-    warnings.filterwarnings("ignore")
     os.environ.setdefault("PYTHONWARNINGS", "ignore")  # the spawned ranks too
     from megatron_llama import selfcheck
 
@@ -90,16 +84,13 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from megatron_llama.training.args import relaunch_with_torchrun, train_config_from_args
+    from megatron_llama.launch import relaunch_with_torchrun, under_launcher
+    from megatron_llama.training.args import train_config_from_args
 
     if not args.data and not args.synthetic:
         raise ConfigError("pass --data BLEND.yaml (with --tokenizer) or --synthetic")
-    launched = "RANK" in os.environ or "SLURM_PROCID" in os.environ
-    if args.nproc_per_node and args.nproc_per_node > 1 and not launched:
+    if args.nproc_per_node and args.nproc_per_node > 1 and not under_launcher():
         return relaunch_with_torchrun(args.nproc_per_node, sys.argv[1:])
-    import warnings
-
-    warnings.filterwarnings("ignore")
     from megatron_llama.training.loop import pretrain
 
     cfg = train_config_from_args(args)
@@ -117,23 +108,16 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from megatron_llama.convert.run import convert
 
-    import warnings
-
-    warnings.filterwarnings("ignore")
     print(convert(args.input, args.output, args.to, shards=args.shards, tp=args.tp, pp=args.pp,
                   dtype=args.dtype, force=args.force, progress=not args.no_progress))
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    launched = "RANK" in os.environ or "SLURM_PROCID" in os.environ
-    if args.tp > 1 and not launched:
-        from megatron_llama.training.args import relaunch_with_torchrun
+    from megatron_llama.launch import relaunch_with_torchrun, under_launcher
 
+    if args.tp > 1 and not under_launcher():
         return relaunch_with_torchrun(args.tp, sys.argv[1:])
-    import warnings
-
-    warnings.filterwarnings("ignore")
     from megatron_llama.generate import Sampling, generate_text
 
     sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -275,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    import warnings
+
+    # megatron-core warns at import about optional kernels (TE, apex) we detect ourselves.
+    warnings.filterwarnings("ignore")
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:

@@ -103,8 +103,9 @@ def load_model(checkpoint: str, tp: int = 1):
     initialize(layout)
     model = build_model(cfg, to_transformer_config(cfg, layout, dtype=dtype))[0]
     if source == "meta":
-        weights = {k: ckpt.tensor(k) for k in ckpt.shards[0] if not k.endswith("rope.freqs")}
-        load_meta_state_dict([model], weights, cfg)
+        from megatron_llama.convert.canonical import meta_keys
+
+        load_meta_state_dict([model], {k: ckpt.tensor(k) for k in meta_keys(cfg)}, cfg)
     else:
         from megatron.core import dist_checkpointing
 

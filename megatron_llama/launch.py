@@ -11,6 +11,8 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import socket
+import subprocess
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -73,3 +75,29 @@ def run_processes(fn: Callable, world: int, workdir: str, *args: Any,
     if bad:
         raise LaunchError(f"workers exited abnormally: {bad}")
     return [torch.load(Path(workdir) / f"result{r}.pt", weights_only=True) for r in range(world)]
+
+
+def relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
+    """Run this command again under torchrun with ``nproc`` local processes."""
+    cleaned, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc-per-node":
+            skip = True
+            continue
+        if a.startswith("--nproc-per-node="):
+            continue
+        cleaned.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "megatron_llama.cli", *cleaned]
+    env = dict(os.environ, PYTHONWARNINGS=os.environ.get("PYTHONWARNINGS", "ignore"),
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS",
+                                              str(max(1, (os.cpu_count() or 1) // nproc))))
+    return subprocess.call(cmd, env=env)
+
+
+def under_launcher() -> bool:
+    """True when torchrun or srun started this process (it then has a rank)."""
+    return "RANK" in os.environ or "SLURM_PROCID" in os.environ

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
 
 from megatron_llama.config import get_preset
 from megatron_llama.parallel import ParallelLayout
@@ -107,23 +104,3 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         wandb_project=args.wandb_project, wandb_run=args.wandb_run,
         peak_tflops=args.peak_tflops, nan_policy=args.on_nan,
         exit_after_steps=args.exit_after_steps)
-
-
-def relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
-    """Run this command again under torchrun with ``nproc`` local processes."""
-    cleaned, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a == "--nproc-per-node":
-            skip = True
-            continue
-        if a.startswith("--nproc-per-node="):
-            continue
-        cleaned.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", "-m", "megatron_llama.cli", *cleaned]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get(
-        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))))
-    return subprocess.call(cmd, env=env)
