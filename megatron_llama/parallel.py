@@ -78,6 +78,27 @@ def launcher_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
 
 
+def _slurm_rendezvous() -> None:
+    """Under srun without torchrun: MASTER_ADDR = the job's first host, a port from the job id.
+
+    An sbatch script may set both itself (then they are kept).
+    """
+    if "SLURM_PROCID" not in os.environ or "RANK" in os.environ:
+        return
+    if "MASTER_ADDR" not in os.environ:
+        import subprocess
+
+        nodelist = os.environ.get("SLURM_STEP_NODELIST", os.environ.get("SLURM_JOB_NODELIST", ""))
+        try:
+            hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True,
+                                   capture_output=True, text=True, timeout=30).stdout.split()
+        except (OSError, subprocess.SubprocessError):
+            hosts = []
+        os.environ["MASTER_ADDR"] = hosts[0] if hosts else os.environ.get(
+            "SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", 0)) % 20000))
+
+
 def init_distributed(timeout_s: int = 600) -> tuple[int, int]:
     """Initialise torch.distributed from torchrun/srun environment variables if needed.
 
@@ -91,6 +112,7 @@ def init_distributed(timeout_s: int = 600) -> tuple[int, int]:
 
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
+    _slurm_rendezvous()
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
     world = launcher_world_size()
     timeout = datetime.timedelta(seconds=timeout_s)
