@@ -22,12 +22,15 @@ setup(
         "tqdm",
         "matplotlib",  # `megatron-llama plot`
         "psutil",  # megatron-core's dist_checkpointing imports it without declaring it
+        "safetensors",  # Hugging Face import/export
         "wandb",
         "deepspeed",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout"],
-        "hf": ["transformers", "safetensors"],
+        # transformers 4.47.1: the last release with Hugging Face's own Meta->HF conversion
+        # script, which the tests compare our export against.
+        "test": ["pytest", "pytest-timeout", "transformers==4.47.1", "accelerate", "protobuf"],
+        "hf": ["transformers"],
     },
     entry_points={"console_scripts": ["megatron-llama=megatron_llama.cli:main"]},
     classifiers=["License :: OSI Approved :: Apache Software License",

@@ -213,9 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
         "convert", help="convert checkpoints between Meta, Megatron and Hugging Face formats",
         description="Convert a checkpoint directory (format detected) to --to. Inputs are "
         "validated before anything is written, tensors are memory-mapped and never unpickled "
-        "as code, and the output appears only when complete. Implemented: meta -> meta "
-        "(re-shard, change dtype), meta -> megatron (a model-only checkpoint `pretrain --load` "
-        "starts from, under any layout), megatron -> meta.")
+        "as code, and the output appears only when complete. meta -> meta re-shards or changes "
+        "dtype; -> megatron writes a model-only checkpoint `pretrain --load` starts from, under "
+        "any layout; -> hf writes safetensors for transformers' LlamaForCausalLM.")
     conv.add_argument("--input", required=True, help="checkpoint directory")
     conv.add_argument("--output", required=True, help="directory to create")
     conv.add_argument("--to", required=True, choices=("meta", "megatron", "hf"),

@@ -1,9 +1,9 @@
 """`megatron-llama convert`: detect the input format and run the right reader and writer.
 
 Formats: ``meta`` (params.json + consolidated.NN.pth), ``megatron`` (a `pretrain` checkpoint
-root), ``hf`` (Hugging Face LlamaForCausalLM directory). Implemented so far: Meta -> Meta
-(re-sharding to 1/2/4/8 files, dtype change, streaming), Meta -> Megatron and Megatron ->
-Meta; the Hugging Face reader and writer are refused with one line until they land.
+root), ``hf`` (Hugging Face LlamaForCausalLM directory, safetensors). Every pair except
+Megatron -> Megatron (a checkpoint already loads under any layout); Meta -> Meta re-shards
+and changes dtype.
 """
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ def convert(input_dir: str, output_dir: str, to: str, *, shards: Optional[int] =
     source = detect_format(input_dir)
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}")
-    if "hf" in (source, to) or (source, to) == ("megatron", "megatron"):
-        raise ConfigError(f"conversion {source} -> {to} is not implemented yet (available: "
-                          "meta -> meta, meta -> megatron, megatron -> meta)")
+    if source == to and source != "meta":
+        raise ConfigError(f"conversion {source} -> {to} is not supported (a Megatron checkpoint "
+                          "already loads under any layout)")
     if os.path.abspath(input_dir) == os.path.abspath(output_dir):
         raise ConfigError(f"{output_dir}: output must differ from the input")
     if os.path.exists(output_dir) and not force:
@@ -59,6 +59,13 @@ def convert(input_dir: str, output_dir: str, to: str, *, shards: Optional[int] =
         cfg, get_tensor, in_dtype, tokenizer = ckpt.config, ckpt.tensor, ckpt.dtype, ckpt.tokenizer
         in_shards = ckpt.num_shards
         origin = f"Meta, {in_shards} shard(s)"
+    elif source == "hf":
+        from megatron_llama.convert.hf import HFCheckpoint
+
+        ckpt = HFCheckpoint(input_dir)
+        cfg, get_tensor, in_dtype, tokenizer = ckpt.config, ckpt.tensor, ckpt.dtype, ckpt.tokenizer
+        in_shards = 1
+        origin = "Hugging Face"
     else:
         from megatron_llama.convert.megatron import read_megatron
 
@@ -75,6 +82,11 @@ def convert(input_dir: str, output_dir: str, to: str, *, shards: Optional[int] =
         write_meta(output_dir, cfg, get_tensor, n, dtype=out_dtype, tokenizer=tokenizer,
                    force=force, progress=bar)
         target = f"Meta format, {n} shard(s)"
+    elif to == "hf":
+        from megatron_llama.convert.hf import write_hf
+
+        write_hf(output_dir, cfg, get_tensor, dtype=out_dtype, tokenizer=tokenizer, force=force)
+        target = "Hugging Face LlamaForCausalLM"
     else:
         from megatron_llama.convert.canonical import meta_keys
         from megatron_llama.convert.megatron import write_megatron

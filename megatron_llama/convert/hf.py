@@ -1,0 +1,200 @@
+"""Hugging Face ``LlamaForCausalLM`` directories: written and read without transformers.
+
+Layout: ``config.json``, ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``
+(or one ``model.safetensors``), ``tokenizer.model`` with a ``tokenizer_config.json``.
+Names map one to one onto Meta's; Hugging Face's rotary embedding rotates halves like
+megatron-core, so wq/wk rows are permuted inside each head exactly as for megatron-core
+(`canonical.rope_to_half_split`), which is also what Hugging Face's own conversion script
+does. Tensors are written in files of at most ``max_shard_bytes`` as they stream by (memory:
+one file's worth), and read lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Callable, Optional
+
+import torch
+
+from megatron_llama.config import ConfigError, LlamaConfig
+from megatron_llama.convert.canonical import meta_keys, rope_to_half_split, rope_to_interleaved
+
+LAYER_NAMES = {"attention.wq.weight": "self_attn.q_proj.weight",
+               "attention.wk.weight": "self_attn.k_proj.weight",
+               "attention.wv.weight": "self_attn.v_proj.weight",
+               "attention.wo.weight": "self_attn.o_proj.weight",
+               "feed_forward.w1.weight": "mlp.gate_proj.weight",
+               "feed_forward.w3.weight": "mlp.up_proj.weight",
+               "feed_forward.w2.weight": "mlp.down_proj.weight",
+               "attention_norm.weight": "input_layernorm.weight",
+               "ffn_norm.weight": "post_attention_layernorm.weight"}
+TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight",
+             "norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+def hf_name(meta_name: str) -> str:
+    if meta_name in TOP_NAMES:
+        return TOP_NAMES[meta_name]
+    _, i, suffix = meta_name.split(".", 2)
+    return f"model.layers.{i}.{LAYER_NAMES[suffix]}"
+
+
+def to_hf(meta_name: str, tensor: torch.Tensor, cfg: LlamaConfig) -> torch.Tensor:
+    """Meta tensor -> Hugging Face tensor (q/k rows permuted to the half-split rotary)."""
+    if meta_name.endswith("attention.wq.weight"):
+        return rope_to_half_split(tensor, cfg.n_heads)
+    if meta_name.endswith("attention.wk.weight"):
+        return rope_to_half_split(tensor, cfg.num_kv_heads)
+    return tensor
+
+
+def from_hf(meta_name: str, tensor: torch.Tensor, cfg: LlamaConfig) -> torch.Tensor:
+    """Inverse of `to_hf`."""
+    if meta_name.endswith("attention.wq.weight"):
+        return rope_to_interleaved(tensor, cfg.n_heads)
+    if meta_name.endswith("attention.wk.weight"):
+        return rope_to_interleaved(tensor, cfg.num_kv_heads)
+    return tensor
+
+
+def hf_config(cfg: LlamaConfig, dtype: torch.dtype) -> dict:
+    """config.json for transformers' LlamaForCausalLM."""
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_hidden_size,
+            "num_attention_heads": cfg.n_heads, "num_hidden_layers": cfg.n_layers,
+            "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+            "rms_norm_eps": cfg.norm_eps, "vocab_size": cfg.vocab_size,
+            "max_position_embeddings": cfg.max_seq_len, "rope_theta": cfg.rope_theta,
+            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+            "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+            "torch_dtype": DTYPE_NAMES[dtype], "initializer_range": 0.02, "use_cache": True,
+            # Meta's FFN rounding cannot be recovered from intermediate_size alone:
+            "megatron_llama": {"multiple_of": cfg.multiple_of,
+                               "ffn_dim_multiplier": cfg.ffn_dim_multiplier}}
+
+
+def config_from_hf(path: str) -> LlamaConfig:
+    """LlamaConfig from a Hugging Face config.json (one line if it is not a Llama)."""
+    try:
+        raw = json.load(open(path, encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read ({e})") from None
+    if raw.get("model_type") != "llama":
+        raise ConfigError(f"{path}: model_type {raw.get('model_type')!r} is not 'llama'")
+    extra = raw.get("megatron_llama", {})
+    # Our exports keep Meta's rounding; for others, rounding up to intermediate_size itself
+    # reproduces it whenever it is at least int(8 * dim / 3) (every LLaMA).
+    multiple_of = extra.get("multiple_of") or raw["intermediate_size"]
+    cfg = LlamaConfig(dim=raw["hidden_size"], n_layers=raw["num_hidden_layers"],
+                      n_heads=raw["num_attention_heads"],
+                      n_kv_heads=(raw.get("num_key_value_heads")
+                                  if raw.get("num_key_value_heads") != raw["num_attention_heads"]
+                                  else None),
+                      vocab_size=raw["vocab_size"], multiple_of=multiple_of,
+                      ffn_dim_multiplier=extra.get("ffn_dim_multiplier"),
+                      norm_eps=raw["rms_norm_eps"],
+                      max_seq_len=raw.get("max_position_embeddings", 2048),
+                      rope_theta=float(raw.get("rope_theta", 10000.0)))
+    if cfg.ffn_hidden_size != raw["intermediate_size"]:
+        raise ConfigError(f"{path}: intermediate_size {raw['intermediate_size']} does not follow "
+                          "LLaMA's FFN rule for this width")
+    return cfg
+
+
+def write_hf(output: str, cfg: LlamaConfig, get_tensor: Callable[[str], torch.Tensor], *,
+             dtype: torch.dtype, tokenizer: Optional[str] = None, force: bool = False,
+             max_shard_bytes: int = 5 * 2**30) -> str:
+    """Write a Hugging Face directory from Meta-named full tensors (streamed, atomic)."""
+    from safetensors.torch import save_file
+
+    from megatron_llama.convert.meta import commit_output, prepare_output
+
+    tmp = prepare_output(output, force)
+    try:
+        files: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        written: list[tuple[str, list[str]]] = []
+
+        def flush() -> None:
+            nonlocal size
+            if files[-1]:
+                name = f"part-{len(written):05d}.safetensors"
+                save_file(files[-1], os.path.join(tmp, name), metadata={"format": "pt"})
+                written.append((name, list(files[-1])))
+                files[-1], size = {}, 0
+
+        for key in meta_keys(cfg):
+            tensor = to_hf(key, get_tensor(key).to(dtype), cfg).contiguous().clone()
+            if size and size + tensor.numel() * tensor.element_size() > max_shard_bytes:
+                flush()
+            files[-1][hf_name(key)] = tensor
+            size += tensor.numel() * tensor.element_size()
+        flush()
+        total = len(written)
+        weight_map = {}
+        for i, (name, keys) in enumerate(written):
+            final = "model.safetensors" if total == 1 else f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+            os.replace(os.path.join(tmp, name), os.path.join(tmp, final))
+            weight_map.update({k: final for k in keys})
+        if total > 1:
+            total_bytes = sum(os.path.getsize(os.path.join(tmp, f)) for f in set(weight_map.values()))
+            json.dump({"metadata": {"total_size": total_bytes}, "weight_map": weight_map},
+                      open(os.path.join(tmp, "model.safetensors.index.json"), "w"), indent=1)
+        json.dump(hf_config(cfg, dtype), open(os.path.join(tmp, "config.json"), "w"), indent=1)
+        if tokenizer:
+            shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.model"))
+            json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>",
+                       "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True,
+                       "add_eos_token": False, "legacy": True},
+                      open(os.path.join(tmp, "tokenizer_config.json"), "w"), indent=1)
+        commit_output(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+class HFCheckpoint:
+    """A Hugging Face Llama directory read lazily; `tensor(meta_name)` like MetaCheckpoint."""
+
+    def __init__(self, directory: str):
+        from safetensors import safe_open
+
+        self.directory = directory
+        self.config = config_from_hf(os.path.join(directory, "config.json"))
+        files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+        if not files:
+            raise ConfigError(f"{directory}: no .safetensors files (pytorch .bin is not read: "
+                              "it would need unpickling)")
+        self.handles, self.where = {}, {}
+        for f in files:
+            path = os.path.join(directory, f)
+            try:
+                handle = safe_open(path, framework="pt")
+            except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+                raise ConfigError(f"{path}: truncated or corrupt safetensors file ({e})") from None
+            self.handles[f] = handle
+            for key in handle.keys():
+                self.where[key] = f
+        wanted = {hf_name(k) for k in meta_keys(self.config)}
+        missing = sorted(wanted - set(self.where))
+        if missing:
+            raise ConfigError(f"{directory}: missing tensor(s), e.g. {missing[0]}")
+        tokenizer = os.path.join(directory, "tokenizer.model")
+        self.tokenizer = tokenizer if os.path.isfile(tokenizer) else None
+        first = self.tensor("norm.weight")
+        self.dtype = first.dtype
+
+    def tensor(self, meta_name: str) -> torch.Tensor:
+        name = hf_name(meta_name)
+        t = self.handles[self.where[name]].get_tensor(name)
+        from megatron_llama.convert.meta import full_shape
+
+        if tuple(t.shape) != full_shape(meta_name, self.config):
+            raise ConfigError(f"{self.directory}: {name} has shape {tuple(t.shape)}, config.json "
+                              f"implies {full_shape(meta_name, self.config)}")
+        return from_hf(meta_name, t, self.config)
+
