@@ -40,8 +40,8 @@ def test_qkv_rows_grouped_per_query_group_and_fc1_per_rank():
         assert torch.equal(fc1[f:], layer["feed_forward.w3.weight"][f * r: f * (r + 1)])
 
 
-@pytest.mark.parametrize("tp, pp, vp", [(1, 1, None), (2, 1, None), (4, 2, None), (8, 1, None),
-                                        (2, 2, 2), (1, 4, 2), (8, 8, None)])
+@pytest.mark.parametrize("tp, pp, vp", [(tp, pp, None) for tp in (1, 2, 4, 8) for pp in (1, 2, 4, 8)]
+                         + [(2, 2, 2), (1, 4, 2), (8, 2, 4)])
 def test_round_trip_bit_exact(tp, pp, vp):
     meta = random_meta_weights(CFG8, dtype=torch.float16)
     shards = dict(meta_to_megatron(meta, CFG8, tp, pp, vp))

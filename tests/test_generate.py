@@ -47,6 +47,20 @@ def test_kv_cached_greedy_equals_reference(megatron_single, meta_dir):
     assert ids == reference_greedy(weights, 12)
 
 
+def test_generation_from_a_megatron_checkpoint(megatron_single, meta_dir, tmp_path):
+    from megatron_llama.convert.run import convert
+    from megatron_llama.parallel import destroy
+
+    directory, weights = meta_dir
+    convert(directory, str(tmp_path / "mcore"), "megatron", progress=False)
+    model, cfg, _ = load_model(str(tmp_path / "mcore"))
+    try:
+        ids = generate_ids(model, cfg, PROMPT, Sampling(max_new_tokens=8))
+    finally:
+        destroy()
+    assert ids == reference_greedy(weights, 8)
+
+
 def test_top_p_sampling():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     g = torch.Generator().manual_seed(0)
