@@ -42,22 +42,22 @@ def hf_name(meta_name: str) -> str:
     return f"model.layers.{i}.{LAYER_NAMES[suffix]}"
 
 
+def _permute_qk(meta_name: str, tensor: torch.Tensor, cfg: LlamaConfig, permute) -> torch.Tensor:
+    if meta_name.endswith("attention.wq.weight"):
+        return permute(tensor, cfg.n_heads)
+    if meta_name.endswith("attention.wk.weight"):
+        return permute(tensor, cfg.num_kv_heads)
+    return tensor
+
+
 def to_hf(meta_name: str, tensor: torch.Tensor, cfg: LlamaConfig) -> torch.Tensor:
     """Meta tensor -> Hugging Face tensor (q/k rows permuted to the half-split rotary)."""
-    if meta_name.endswith("attention.wq.weight"):
-        return rope_to_half_split(tensor, cfg.n_heads)
-    if meta_name.endswith("attention.wk.weight"):
-        return rope_to_half_split(tensor, cfg.num_kv_heads)
-    return tensor
+    return _permute_qk(meta_name, tensor, cfg, rope_to_half_split)
 
 
 def from_hf(meta_name: str, tensor: torch.Tensor, cfg: LlamaConfig) -> torch.Tensor:
     """Inverse of `to_hf`."""
-    if meta_name.endswith("attention.wq.weight"):
-        return rope_to_interleaved(tensor, cfg.n_heads)
-    if meta_name.endswith("attention.wk.weight"):
-        return rope_to_interleaved(tensor, cfg.num_kv_heads)
-    return tensor
+    return _permute_qk(meta_name, tensor, cfg, rope_to_interleaved)
 
 
 def hf_config(cfg: LlamaConfig, dtype: torch.dtype) -> dict:
