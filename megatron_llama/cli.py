@@ -129,6 +129,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# Modules adding their own subcommand (kept light to import: heavy imports inside functions).
+COMMAND_MODULES = ("megatron_llama.slurm", "megatron_llama.benchmark", "megatron_llama.planner")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-llama",
@@ -255,6 +259,17 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("log", help="log.jsonl of a run")
     plot.add_argument("--output", default="curves.png", help="PNG to write (curves.png)")
     plot.set_defaults(func=cmd_plot)
+
+    # Commands that live with their own module: each defines `add_command(subparsers)`, which
+    # adds its parser and sets `func` (a function of the parsed args returning an exit code).
+    import importlib
+
+    for module in COMMAND_MODULES:
+        try:
+            importlib.import_module(module).add_command(sub)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
     return parser
 
 
