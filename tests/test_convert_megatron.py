@@ -36,25 +36,76 @@ def test_meta_megatron_meta_bit_exact(megatron_single, tmp_path, cfg, shards, tp
         assert back[k].dtype == torch.float16 and torch.equal(back[k], v), k
 
 
-def first_loss_worker(rank, world, workdir):
+def converted_logits(layout, checkpoint, tokens):
+    """Logits [b, s, V] of the converted checkpoint under ``layout`` (last stage; else None),
+    computed by megatron-core's forward-only schedule."""
+    from megatron.core import dist_checkpointing, tensor_parallel
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_llama.config import to_transformer_config
+    from megatron_llama.convert.megatron import read_metadata
+    from megatron_llama.model import build_model
+    from megatron_llama.parallel import destroy, init_distributed, initialize
+
+    init_distributed()
+    initialize(layout)
+    try:
+        tconfig = to_transformer_config(CFG, layout, dtype="fp32")
+        model = build_model(CFG, tconfig)[0]
+        path, _ = read_metadata(checkpoint)
+        model.load_state_dict(dist_checkpointing.load(
+            {"model": model.sharded_state_dict()}, path)["model"])
+
+        def step(iterator, model):
+            batch = next(iterator)
+            positions = torch.arange(batch.shape[1]).expand_as(batch)
+            output = model(batch, positions, None)
+            return output, lambda out: (out.sum() * 0, {
+                "logits": tensor_parallel.gather_from_tensor_model_parallel_region(out)})
+
+        out = get_forward_backward_func()(
+            forward_step_func=step, data_iterator=iter([tokens]), model=model,
+            num_microbatches=1, seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0],
+            forward_only=True)
+        return out[0]["logits"][..., :CFG.vocab_size].clone() if out else None
+    finally:
+        destroy()
+
+
+def converted_worker(rank, world, workdir, tokens):
     from megatron_llama.training.loop import pretrain
     from megatron_llama.training.recipe import TrainConfig
 
-    losses = {}
+    losses, logits = {}, {}
     for name, layout in (("TP2", ParallelLayout(tp=2)), ("PP2", ParallelLayout(pp=2))):
+        logits[name] = converted_logits(layout, os.path.join(workdir, "mcore"), tokens)
         cfg = TrainConfig(model=CFG, layout=layout, seq_length=32, micro_batch=1,
                           global_batch=4, train_steps=1, warmup_steps=0, dtype="fp32",
                           load_dir=os.path.join(workdir, "mcore"), seed=3)
         losses[name] = pretrain(cfg)["losses"][1]
-    return losses
+    return losses, logits
 
 
-def test_converted_checkpoint_trains_from_meta_weights_under_tp_and_pp(tmp_path):
+def test_converted_checkpoint_logits_and_training_under_tp_and_pp(tmp_path):
     weights = random_meta_weights(CFG)
     src = write_by_hand(str(tmp_path / "meta"), CFG, weights, 2)
     workdir = str(tmp_path)
     convert(src, os.path.join(workdir, "mcore"), "megatron", tp=2, progress=False)
-    losses = run_processes(first_loss_worker, 2, workdir, timeout=600)[0]
+    probe = torch.randint(0, CFG.vocab_size, (2, 16), generator=torch.Generator().manual_seed(5))
+    results = run_processes(converted_worker, 2, workdir, probe, timeout=600)
+    # Logits of the converted model under TP=2 (both ranks gather them) and PP=2 (last stage)
+    # equal the paper-reference forward on the Meta weights.
+    reference = reference_logits(weights, CFG, probe)
+    for rank, (_, logits) in enumerate(results):
+        for name in ("TP2", "PP2"):
+            if name == "PP2" and rank == 0:
+                assert logits[name] is None
+                continue
+            got = logits[name]
+            assert got.shape == reference.shape, (name, got.shape)
+            err = ((got - reference).abs().max() / reference.abs().max()).item()
+            assert err < 1e-5, (name, rank, err)
+    losses = results[0][0]
     # The loss of pretrain's first step is the paper-reference model's loss on the same batch.
     data = SyntheticTokens(CFG.vocab_size, 32, 4, seed=3)
     tokens = torch.stack([data[i]["tokens"] for i in range(4)])

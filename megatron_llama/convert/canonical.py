@@ -45,6 +45,50 @@ def meta_keys(cfg: LlamaConfig) -> list[str]:
     return keys
 
 
+# ---- Meta's shapes and model-parallel split ------------------------------------------------
+# Dimension along which Meta splits each tensor across model-parallel shards (None: copied).
+SPLIT_DIM = {"tok_embeddings.weight": 1, "output.weight": 0, "norm.weight": None,
+             "attention.wq.weight": 0, "attention.wk.weight": 0, "attention.wv.weight": 0,
+             "attention.wo.weight": 1, "feed_forward.w1.weight": 0, "feed_forward.w3.weight": 0,
+             "feed_forward.w2.weight": 1, "attention_norm.weight": None, "ffn_norm.weight": None}
+
+
+def _suffix(name: str) -> str:
+    return name.split(".", 2)[2] if name.startswith("layers.") else name
+
+
+def layer_index(name: str) -> Optional[int]:
+    """``3`` for ``layers.3.attention.wq.weight``; None for the embedding, norm and output."""
+    return int(name.split(".", 2)[1]) if name.startswith("layers.") else None
+
+
+def split_dim(name: str) -> Optional[int]:
+    """Meta's split dimension for a full key like ``layers.3.attention.wq.weight``."""
+    return SPLIT_DIM[_suffix(name)]
+
+
+def full_shape(name: str, cfg: LlamaConfig) -> tuple[int, ...]:
+    """Unsharded shape of a Meta tensor for ``cfg``."""
+    d, hd, f, v = cfg.dim, cfg.head_dim, cfg.ffn_hidden_size, cfg.vocab_size
+    return {"tok_embeddings.weight": (v, d), "output.weight": (v, d), "norm.weight": (d,),
+            "attention.wq.weight": (cfg.n_heads * hd, d),
+            "attention.wk.weight": (cfg.num_kv_heads * hd, d),
+            "attention.wv.weight": (cfg.num_kv_heads * hd, d),
+            "attention.wo.weight": (d, cfg.n_heads * hd),
+            "feed_forward.w1.weight": (f, d), "feed_forward.w3.weight": (f, d),
+            "feed_forward.w2.weight": (d, f),
+            "attention_norm.weight": (d,), "ffn_norm.weight": (d,)}[_suffix(name)]
+
+
+def shard_shape(name: str, cfg: LlamaConfig, shards: int) -> tuple[int, ...]:
+    """Shape of ``name`` in each of ``shards`` Meta files."""
+    shape = list(full_shape(name, cfg))
+    dim = split_dim(name)
+    if dim is not None:
+        shape[dim] //= shards
+    return tuple(shape)
+
+
 # ---- RoPE row permutation -------------------------------------------------------------------
 def rope_to_half_split(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Meta's interleaved rotary rows -> megatron-core's half-split rows, per head."""

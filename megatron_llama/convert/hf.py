@@ -5,8 +5,8 @@ Layout: ``config.json``, ``model-0000i-of-0000n.safetensors`` + ``model.safetens
 Names map one to one onto Meta's; Hugging Face's rotary embedding rotates halves like
 megatron-core, so wq/wk rows are permuted inside each head exactly as for megatron-core
 (`canonical.rope_to_half_split`), which is also what Hugging Face's own conversion script
-does. Tensors are written in files of at most ``max_shard_bytes`` as they stream by (memory:
-one file's worth), and read lazily.
+does. Files of at most ``max_shard_bytes`` are planned from the shapes, then every tensor is
+streamed into its file as it comes (memory: one tensor); reading uses plain file reads.
 """
 
 from __future__ import annotations
@@ -14,12 +14,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from megatron_llama.config import ConfigError, LlamaConfig
-from megatron_llama.convert.canonical import meta_keys, rope_to_half_split, rope_to_interleaved
+from megatron_llama.convert.canonical import (META_LAYER_KEYS, full_shape, meta_keys,
+                                               rope_to_half_split, rope_to_interleaved)
+from megatron_llama.convert.source import WeightSource
+from megatron_llama.convert.tensorio import SafetensorsFile, SafetensorsWriter
 
 LAYER_NAMES = {"attention.wq.weight": "self_attn.q_proj.weight",
                "attention.wk.weight": "self_attn.k_proj.weight",
@@ -104,48 +107,55 @@ def config_from_hf(path: str) -> LlamaConfig:
     return cfg
 
 
-def write_hf(output: str, cfg: LlamaConfig, get_tensor: Callable[[str], torch.Tensor], *,
-             dtype: torch.dtype, tokenizer: Optional[str] = None, force: bool = False,
-             max_shard_bytes: int = 5 * 2**30) -> str:
-    """Write a Hugging Face directory from Meta-named full tensors (streamed, atomic)."""
-    from safetensors.torch import save_file
+def _file_plan(cfg: LlamaConfig, dtype: torch.dtype, max_bytes: int) -> list[list[str]]:
+    """Meta names grouped, in order, into files of at most ``max_bytes`` (shapes only)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    files: list[list[str]] = [[]]
+    size = 0
+    for key in meta_keys(cfg):
+        n = itemsize
+        for dim in full_shape(key, cfg):
+            n *= dim
+        if files[-1] and size + n > max_bytes:
+            files.append([])
+            size = 0
+        files[-1].append(key)
+        size += n
+    return files
+
+
+def write_hf(output: str, source: WeightSource, *, dtype: Optional[torch.dtype] = None,
+             force: bool = False, max_shard_bytes: int = 5 * 2**30,
+             progress: bool = False) -> str:
+    """Write a Hugging Face directory from any reader, streamed tensor by tensor (atomic)."""
+    from tqdm import tqdm
 
     from megatron_llama.convert.meta import commit_output, prepare_output
 
+    cfg = source.config
+    dtype = dtype or source.dtype
+    plan = _file_plan(cfg, dtype, max_shard_bytes)
+    names = (["model.safetensors"] if len(plan) == 1 else
+             [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
     tmp = prepare_output(output, force)
+    bar = tqdm(total=cfg.n_layers, unit="layer", desc="hf", disable=not progress)
     try:
-        files: list[dict[str, torch.Tensor]] = [{}]
-        size = 0
-        written: list[tuple[str, list[str]]] = []
-
-        def flush() -> None:
-            nonlocal size
-            if files[-1]:
-                name = f"part-{len(written):05d}.safetensors"
-                save_file(files[-1], os.path.join(tmp, name), metadata={"format": "pt"})
-                written.append((name, list(files[-1])))
-                files[-1], size = {}, 0
-
-        for key in meta_keys(cfg):
-            tensor = to_hf(key, get_tensor(key).to(dtype), cfg).contiguous().clone()
-            if size and size + tensor.numel() * tensor.element_size() > max_shard_bytes:
-                flush()
-            files[-1][hf_name(key)] = tensor
-            size += tensor.numel() * tensor.element_size()
-        flush()
-        total = len(written)
-        weight_map = {}
-        for i, (name, keys) in enumerate(written):
-            final = "model.safetensors" if total == 1 else f"model-{i + 1:05d}-of-{total:05d}.safetensors"
-            os.replace(os.path.join(tmp, name), os.path.join(tmp, final))
-            weight_map.update({k: final for k in keys})
-        if total > 1:
-            total_bytes = sum(os.path.getsize(os.path.join(tmp, f)) for f in set(weight_map.values()))
+        for name, keys in zip(names, plan):
+            writer = SafetensorsWriter(os.path.join(tmp, name),
+                                       [(hf_name(k), full_shape(k, cfg), dtype) for k in keys])
+            for key in keys:
+                writer.write(hf_name(key), to_hf(key, source.tensor(key).to(dtype), cfg))
+                if key.endswith(META_LAYER_KEYS[-1]):
+                    bar.update(1)
+            writer.close()
+        if len(plan) > 1:
+            weight_map = {hf_name(k): name for name, keys in zip(names, plan) for k in keys}
+            total_bytes = sum(os.path.getsize(os.path.join(tmp, f)) for f in names)
             json.dump({"metadata": {"total_size": total_bytes}, "weight_map": weight_map},
                       open(os.path.join(tmp, "model.safetensors.index.json"), "w"), indent=1)
         json.dump(hf_config(cfg, dtype), open(os.path.join(tmp, "config.json"), "w"), indent=1)
-        if tokenizer:
-            shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.model"))
+        if source.tokenizer:
+            shutil.copyfile(source.tokenizer, os.path.join(tmp, "tokenizer.model"))
             json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>",
                        "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True,
                        "add_eos_token": False, "legacy": True},
@@ -154,47 +164,47 @@ def write_hf(output: str, cfg: LlamaConfig, get_tensor: Callable[[str], torch.Te
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        bar.close()
     return output
 
 
-class HFCheckpoint:
-    """A Hugging Face Llama directory read lazily; `tensor(meta_name)` like MetaCheckpoint."""
+class HFCheckpoint(WeightSource):
+    """A Hugging Face Llama directory (safetensors), read one tensor at a time."""
 
     def __init__(self, directory: str):
-        from safetensors import safe_open
-
         self.directory = directory
         self.config = config_from_hf(os.path.join(directory, "config.json"))
         files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
         if not files:
             raise ConfigError(f"{directory}: no .safetensors files (pytorch .bin is not read: "
                               "it would need unpickling)")
-        self.handles, self.where = {}, {}
+        self.where: dict[str, SafetensorsFile] = {}
         for f in files:
             path = os.path.join(directory, f)
             try:
-                handle = safe_open(path, framework="pt")
-            except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+                handle = SafetensorsFile(path)
+            except (ValueError, OSError, KeyError, TypeError) as e:
                 raise ConfigError(f"{path}: truncated or corrupt safetensors file ({e})") from None
-            self.handles[f] = handle
             for key in handle.keys():
-                self.where[key] = f
-        wanted = {hf_name(k) for k in meta_keys(self.config)}
-        missing = sorted(wanted - set(self.where))
-        if missing:
-            raise ConfigError(f"{directory}: missing tensor(s), e.g. {missing[0]}")
+                self.where[key] = handle
+        dtypes = set()
+        for key in meta_keys(self.config):
+            name = hf_name(key)
+            if name not in self.where:
+                raise ConfigError(f"{directory}: missing tensor {name}")
+            handle = self.where[name]
+            if handle.shape(name) != full_shape(key, self.config):
+                raise ConfigError(f"{handle.path}: {name} has shape {handle.shape(name)}, "
+                                  f"config.json implies {full_shape(key, self.config)}")
+            dtypes.add(handle.dtype(name))
+        if len(dtypes) > 1:
+            raise ConfigError(f"{directory}: tensors mix dtypes {sorted(map(str, dtypes))}")
+        self.dtype = dtypes.pop()
         tokenizer = os.path.join(directory, "tokenizer.model")
         self.tokenizer = tokenizer if os.path.isfile(tokenizer) else None
-        first = self.tensor("norm.weight")
-        self.dtype = first.dtype
+        self.description = "Hugging Face"
 
     def tensor(self, meta_name: str) -> torch.Tensor:
         name = hf_name(meta_name)
-        t = self.handles[self.where[name]].get_tensor(name)
-        from megatron_llama.convert.meta import full_shape
-
-        if tuple(t.shape) != full_shape(meta_name, self.config):
-            raise ConfigError(f"{self.directory}: {name} has shape {tuple(t.shape)}, config.json "
-                              f"implies {full_shape(meta_name, self.config)}")
-        return from_hf(meta_name, t, self.config)
-
+        return from_hf(meta_name, self.where[name].tensor(name), self.config)

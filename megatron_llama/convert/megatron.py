@@ -5,10 +5,18 @@ process can read a checkpoint saved under any TP/PP layout, and a checkpoint wri
 process loads under any layout. Conversion therefore runs in a single process (world size 1,
 megatron-core's TP=1 PP=1 model) and goes through the pure mappings of `canonical.py`.
 
+Both directions stream, so memory stays near one layer whatever the model size:
+- reading loads one layer at a time (a partial `dist_checkpointing.load` of that layer's slice
+  of each stacked ``decoder.layers.*`` tensor; torch.distributed.checkpoint reads only those
+  bytes), converted to Meta's names by `canonical.layer_to_meta`;
+- writing builds the model on the meta device (no memory) to get megatron-core's exact
+  sharded state dict (keys, global shapes, the SwiGLU fc1 split), then saves it with
+  torch.distributed.checkpoint through a save planner whose `resolve_data` produces each
+  tensor on demand from the source, one layer at a time (`_StreamingSave`).
+
 A converted checkpoint holds the model only (``"model_only": true`` in its
 ``megatron_llama.json``): `pretrain --load` then starts from these weights at step 0 with a
-fresh optimizer. Limitation for now: the whole model is materialised once in memory (the
-streaming, layer-by-layer path is the Meta <-> Meta one).
+fresh optimizer.
 """
 
 from __future__ import annotations
@@ -20,6 +28,10 @@ from typing import Optional
 import torch
 
 from megatron_llama.config import ConfigError, LlamaConfig
+from megatron_llama.convert.canonical import (LAYER_NORM_NAMES, META_LAYER_KEYS, layer_index,
+                                              layer_to_megatron, layer_to_meta, vocab_to_megatron,
+                                              vocab_to_meta)
+from megatron_llama.convert.source import WeightSource
 from megatron_llama.training.checkpoint import (METADATA, TRACKER, iteration_dir,
                                                 latest_iteration)
 
@@ -42,23 +54,18 @@ def read_metadata(root: str) -> tuple[str, dict]:
     return path, meta
 
 
-class _SingleProcessModel:
-    """A TP=1 PP=1 megatron-core model in this process, process groups torn down on exit."""
-
-    def __init__(self, cfg: LlamaConfig, dtype: str):
-        self.cfg, self.dtype = cfg, dtype
+class _ProcessGroup:
+    """torch.distributed with world size 1 and megatron-core's TP=1 PP=1 groups, torn down on
+    exit (conversion runs in one process whatever layout saved or will load the checkpoint)."""
 
     def __enter__(self):
-        from megatron_llama.config import to_transformer_config
-        from megatron_llama.model import build_model
         from megatron_llama.parallel import ParallelLayout, init_distributed, initialize
 
         _, world = init_distributed()
         if world != 1:
             raise ConfigError("conversion runs in one process; do not launch it with torchrun")
         initialize(ParallelLayout())
-        tconfig = to_transformer_config(self.cfg, ParallelLayout(), dtype=self.dtype)
-        return build_model(self.cfg, tconfig)[0]
+        return self
 
     def __exit__(self, *exc):
         from megatron_llama.parallel import destroy
@@ -66,27 +73,164 @@ class _SingleProcessModel:
         destroy()
 
 
-def read_megatron(root: str) -> tuple[LlamaConfig, dict[str, torch.Tensor], dict]:
-    """(config, full Meta-named state dict, metadata) of the latest checkpoint under ``root``."""
-    from megatron.core import dist_checkpointing
-
-    from megatron_llama.convert.canonical import megatron_to_meta
-
-    path, meta = read_metadata(root)
-    cfg = LlamaConfig.from_dict(meta["model"], source=os.path.join(path, METADATA))
-    dtype = meta.get("dtype", "fp32")
-    with _SingleProcessModel(cfg, dtype) as model:
-        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)
-        model.load_state_dict(loaded["model"], strict=True)
-        local = {k: v.detach().clone() for k, v in model.state_dict().items()
-                 if not k.endswith("_extra_state")}
-    return cfg, megatron_to_meta({(0, 0, 0): local}, cfg), meta
+# megatron-core's stacked keys of one layer (global shape [n_layers, ...]) -> local-spec suffix.
+LAYER_PREFIX = "decoder.layers."
+TOP_KEYS = {"embedding.word_embeddings.weight": "tok_embeddings.weight",
+            "decoder.final_layernorm.weight": "norm.weight", "output_layer.weight": "output.weight"}
 
 
-def write_megatron(output: str, cfg: LlamaConfig, weights: dict[str, torch.Tensor], *,
-                   dtype: Optional[torch.dtype] = None, tp: int = 1, pp: int = 1,
-                   tokenizer: Optional[str] = None, force: bool = False) -> str:
-    """Write Meta-named ``weights`` as a model-only checkpoint root `pretrain` can load.
+class MegatronCheckpoint(WeightSource):
+    """The latest checkpoint under a `pretrain` root, read one layer at a time.
+
+    Reads go straight through torch.distributed.checkpoint (``no_dist``: no process group),
+    each tensor request naming only the region it needs: one layer's slice of a stacked
+    ``decoder.layers.*`` tensor, or a whole top-level tensor.
+    """
+
+    def __init__(self, root: str):
+        import torch.distributed.checkpoint as dcp
+
+        self.path, meta = read_metadata(root)
+        self.config = LlamaConfig.from_dict(meta["model"],
+                                            source=os.path.join(self.path, METADATA))
+        tok = meta.get("tokenizer")
+        self.tokenizer = tok if tok and os.path.isfile(tok) else None
+        self.description = f"Megatron, saved at {meta.get('layout')}"
+        try:
+            metadata = dcp.FileSystemReader(self.path).read_metadata()
+        except Exception as e:  # noqa: BLE001 - torch DCP raises many types for a bad file
+            raise ConfigError(f"{self.path}: unreadable checkpoint metadata ({e})") from None
+        self._shapes = {k: (tuple(v.size), v.properties.dtype)
+                        for k, v in metadata.state_dict_metadata.items() if hasattr(v, "size")}
+        te = f"{LAYER_PREFIX}self_attention.linear_qkv.layer_norm_weight" in self._shapes
+        self.names = "te" if te else "local"
+        self._suffixes = ["self_attention.linear_qkv.weight", "self_attention.linear_proj.weight",
+                          "mlp.linear_fc1.weight", "mlp.linear_fc2.weight",
+                          *LAYER_NORM_NAMES[self.names].values()]
+        wanted = list(TOP_KEYS) + [LAYER_PREFIX + s for s in self._suffixes]
+        missing = [k for k in wanted if k not in self._shapes]
+        if missing:
+            raise ConfigError(f"{self.path}: no tensor {missing[0]} (not a LLaMA checkpoint of "
+                              "megatron-llama?)")
+        layers = self._shapes[LAYER_PREFIX + self._suffixes[0]][0][0]
+        if layers != self.config.n_layers:
+            raise ConfigError(f"{self.path}: {layers} layers stored, {METADATA} says "
+                              f"{self.config.n_layers}")
+        self.dtype = self._shapes["output_layer.weight"][1]
+        self._layer: tuple[int, dict[str, torch.Tensor]] = (-1, {})
+
+    def _load(self, request: dict[str, tuple[str, Optional[int]]]) -> dict[str, torch.Tensor]:
+        """Load {name: (checkpoint key, layer or None)}: a whole tensor, or one layer's slice."""
+        import torch.distributed.checkpoint as dcp
+
+        state, regions, out = {}, {}, {}
+        for name, (key, layer) in request.items():
+            shape, dtype = self._shapes[key]
+            if layer is None:
+                state[key], regions[key] = torch.empty(shape, dtype=dtype), [0] * len(shape)
+            else:  # [layer:layer+1, ...] of the stacked tensor
+                state[key] = torch.empty((1, *shape[1:]), dtype=dtype)
+                regions[key] = [layer] + [0] * (len(shape) - 1)
+            out[name] = state[key] if layer is None else state[key][0]
+        dcp.load(state, storage_reader=dcp.FileSystemReader(self.path),
+                 planner=_region_planner(regions), no_dist=True)
+        return out
+
+    def tensor(self, name: str) -> torch.Tensor:
+        i = layer_index(name)
+        if i is None:
+            key = next(k for k, v in TOP_KEYS.items() if v == name)
+            t = self._load({name: (key, None)})[name]
+            return vocab_to_meta([t], self.config) if key != "decoder.final_layernorm.weight" else t
+        if self._layer[0] != i:  # one layer in memory at a time
+            self._layer = (-1, {})
+            loaded = self._load({s: (LAYER_PREFIX + s, i) for s in self._suffixes})
+            self._layer = (i, layer_to_meta([loaded], self.config, self.names))
+        return self._layer[1][name.split(".", 2)[2]]
+
+
+def _region_planner(regions: dict[str, list[int]]):
+    """A DCP load planner reading, for each key, the region of the saved (global) tensor that
+    starts at ``regions[key]`` and has the shape of the destination tensor."""
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    from torch.distributed.checkpoint.planner import LoadPlan
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    class Planner(DefaultLoadPlanner):
+        def create_local_plan(self):
+            items = []
+            for key, tensor in self.state_dict.items():
+                chunk = ChunkStorageMetadata(offsets=torch.Size(regions[key]),
+                                             sizes=tensor.size())
+                items += create_read_items_for_chunk_list(
+                    key, self.metadata.state_dict_metadata[key], [chunk])
+            return LoadPlan(items)
+
+        def lookup_tensor(self, index):  # our destinations are plain tensors for the region
+            return self.state_dict[index.fqn]
+
+    return Planner()
+
+
+class _StreamingSave:
+    """megatron-core's torch_dist save, with tensors produced on demand (see module doc)."""
+
+    def __init__(self, produce):
+        from megatron.core.dist_checkpointing.strategies.torch import (
+            TorchDistSaveShardedStrategy)
+
+        class Strategy(TorchDistSaveShardedStrategy):
+            def save(self, sharded_state_dict, checkpoint_dir):
+                import torch.distributed.checkpoint as dcp
+                from megatron.core.dist_checkpointing.strategies.torch import (
+                    _replace_state_dict_keys_with_sharded_keys, mcore_to_pyt_state_dict)
+
+                grouped, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict,
+                                                                           True)
+                # thread_count=1: items are written in plan order, one at a time.
+                writer = dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1,
+                                              single_file_per_rank=True)
+                dcp.save(mcore_to_pyt_state_dict(grouped, False), storage_writer=writer,
+                         planner=_planner(produce))
+
+        self.strategy = Strategy("torch_dist", 1)
+
+
+def _planner(produce):
+    """megatron-core's save planner, ordered layer by layer, data from ``produce``."""
+    import dataclasses
+
+    from megatron.core.dist_checkpointing.strategies.torch import MCoreSavePlanner
+    from torch.distributed.checkpoint.planner import WriteItemType
+
+    class Planner(MCoreSavePlanner):
+        def create_local_plan(self):
+            plan = super().create_local_plan()
+            order = {item.index.fqn: n for n, item in enumerate(plan.items)}
+
+            def layer_major(item):  # embedding first, then layer 0, 1, ..., then the rest
+                layered = item.index.fqn.startswith(LAYER_PREFIX) and item.index.offset
+                return (item.index.offset[0] if layered else
+                        (-1 if item.index.fqn.startswith("embedding") else 1 << 30),
+                        order[item.index.fqn])
+
+            self.plan = dataclasses.replace(plan, items=sorted(plan.items, key=layer_major))
+            return self.plan
+
+        def resolve_data(self, write_item):
+            if write_item.type == WriteItemType.BYTE_IO:
+                return super().resolve_data(write_item)
+            md = write_item.tensor_data
+            return produce(write_item.index.fqn, tuple(md.chunk.offsets), tuple(md.chunk.sizes),
+                           md.properties.dtype)
+
+    return Planner(dedup_replicated_tensors=False, flatten_state_dict=False)
+
+
+def write_megatron(output: str, source: WeightSource, *, dtype: Optional[torch.dtype] = None,
+                   tp: int = 1, pp: int = 1, force: bool = False, progress: bool = False) -> str:
+    """Write ``source`` as a model-only checkpoint root `pretrain` can load, streamed.
 
     ``tp``/``pp`` are recorded as the intended layout and checked against the model; the
     files themselves load under any layout.
@@ -94,32 +238,64 @@ def write_megatron(output: str, cfg: LlamaConfig, weights: dict[str, torch.Tenso
     import shutil
 
     from megatron.core import dist_checkpointing
+    from tqdm import tqdm
 
+    from megatron_llama.config import to_transformer_config
     from megatron_llama.convert.meta import commit_output, prepare_output
-    from megatron_llama.model import load_meta_state_dict
+    from megatron_llama.model import build_model
     from megatron_llama.parallel import ParallelLayout
+    from megatron_llama.spec import default_backend
 
+    cfg = source.config
     ParallelLayout(tp=tp, pp=pp).check(cfg)
-    dtype = dtype or next(iter(weights.values())).dtype
+    dtype = dtype or source.dtype
+    names = "te" if default_backend() == "te" else "local"
+    bar = tqdm(total=cfg.n_layers, unit="layer", desc="megatron", disable=not progress)
+    current: dict = {"layer": None, "tensors": {}}
+
+    def produce(key: str, offsets: tuple, sizes: tuple, want: torch.dtype) -> torch.Tensor:
+        """Chunk (offsets, sizes) of megatron-core's global tensor ``key`` (TP=1 form)."""
+        if key.startswith(LAYER_PREFIX):
+            i, offsets, sizes = offsets[0], offsets[1:], sizes[1:]
+            if current["layer"] != i:
+                current["tensors"] = {}  # free the previous layer first
+                layer = {k: source.tensor(f"layers.{i}.{k}") for k in META_LAYER_KEYS}
+                current["tensors"] = layer_to_megatron(layer, cfg, 1, names)[0]
+                current["layer"] = i
+                bar.update(1)
+            full = current["tensors"][key[len(LAYER_PREFIX):]]
+        elif key == "decoder.final_layernorm.weight":
+            full = source.tensor("norm.weight")
+        else:
+            full = vocab_to_megatron(source.tensor(TOP_KEYS[key]), cfg, 1)[0]
+        for dim, (start, size) in enumerate(zip(offsets, sizes)):
+            full = full.narrow(dim, start, size)
+        return full.to(want).reshape(sizes if not key.startswith(LAYER_PREFIX) else (1, *sizes))
+
     tmp = prepare_output(output, force)
     try:
         path = iteration_dir(tmp, 0)
         os.makedirs(path)
-        with _SingleProcessModel(cfg, DTYPE_NAMES[dtype]) as model:
-            load_meta_state_dict([model], {k: v.to(dtype) for k, v in weights.items()}, cfg)
-            dist_checkpointing.save({"model": model.sharded_state_dict()}, path)
+        with _ProcessGroup():
+            tconfig = to_transformer_config(cfg, ParallelLayout(), dtype=DTYPE_NAMES[dtype])
+            with torch.device("meta"):  # shapes and sharding only: no weight memory
+                model = build_model(cfg, tconfig)[0]
+            dist_checkpointing.save({"model": model.sharded_state_dict()}, path,
+                                    sharded_strategy=_StreamingSave(produce).strategy)
         with open(os.path.join(path, METADATA), "w", encoding="utf-8") as f:
             json.dump({"model": cfg.to_params_json(meta_style=False),
                        "layout": {"tp": tp, "pp": pp, "vp": None}, "dtype": DTYPE_NAMES[dtype],
                        "tokenizer": (os.path.join(os.path.abspath(output), "tokenizer.model")
-                                     if tokenizer else None),
+                                     if source.tokenizer else None),
                        "model_only": True}, f, indent=1)
-        if tokenizer:
-            shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.model"))
+        if source.tokenizer:
+            shutil.copyfile(source.tokenizer, os.path.join(tmp, "tokenizer.model"))
         with open(os.path.join(tmp, TRACKER), "w", encoding="utf-8") as f:
             f.write("0")
         commit_output(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        bar.close()
     return output

@@ -7,8 +7,10 @@ until a tensor is used, and a pickle that would run code is refused. Every probl
 before any output is written and reported in one line naming the file.
 
 Tensors are merged across shards by the table in LLAMA_FACTS.md (`SPLIT_DIM`); norms are
-replicated. The writer produces one shard at a time (memory: one output shard plus one full
-tensor), into a temporary directory renamed into place when complete.
+replicated. The writer streams each shard file tensor by tensor (memory: about one full
+tensor), into a temporary directory renamed into place when complete. Pages of the mapped
+inputs are released as soon as they are copied, so reading a 13 GB shard does not leave
+13 GB resident.
 """
 
 from __future__ import annotations
@@ -18,47 +20,17 @@ import pickle
 import re
 import shutil
 import tempfile
-from typing import Callable, Iterable, Optional
+from typing import Optional
 
 import torch
 
 from megatron_llama.config import ConfigError, LlamaConfig
-from megatron_llama.convert.canonical import META_LAYER_KEYS, meta_keys
+from megatron_llama.convert.canonical import (full_shape, layer_index, meta_keys, shard_shape,
+                                               split_dim)
+from megatron_llama.convert.source import WeightSource
+from megatron_llama.convert.tensorio import TorchFileWriter, release_pages
 
-# Dimension along which Meta splits each tensor across model-parallel shards (None: copied).
-SPLIT_DIM = {"tok_embeddings.weight": 1, "output.weight": 0, "norm.weight": None,
-             "attention.wq.weight": 0, "attention.wk.weight": 0, "attention.wv.weight": 0,
-             "attention.wo.weight": 1, "feed_forward.w1.weight": 0, "feed_forward.w3.weight": 0,
-             "feed_forward.w2.weight": 1, "attention_norm.weight": None, "ffn_norm.weight": None}
 SHARD_RE = re.compile(r"^consolidated\.(\d{2})\.pth$")
-
-
-def split_dim(name: str) -> Optional[int]:
-    """Meta's split dimension for a full key like ``layers.3.attention.wq.weight``."""
-    suffix = name.split(".", 2)[2] if name.startswith("layers.") else name
-    return SPLIT_DIM[suffix]
-
-
-def full_shape(name: str, cfg: LlamaConfig) -> tuple[int, ...]:
-    """Unsharded shape of a Meta tensor for ``cfg``."""
-    d, hd, f, v = cfg.dim, cfg.head_dim, cfg.ffn_hidden_size, cfg.vocab_size
-    suffix = name.split(".", 2)[2] if name.startswith("layers.") else name
-    return {"tok_embeddings.weight": (v, d), "output.weight": (v, d), "norm.weight": (d,),
-            "attention.wq.weight": (cfg.n_heads * hd, d),
-            "attention.wk.weight": (cfg.num_kv_heads * hd, d),
-            "attention.wv.weight": (cfg.num_kv_heads * hd, d),
-            "attention.wo.weight": (d, cfg.n_heads * hd),
-            "feed_forward.w1.weight": (f, d), "feed_forward.w3.weight": (f, d),
-            "feed_forward.w2.weight": (d, f),
-            "attention_norm.weight": (d,), "ffn_norm.weight": (d,)}[suffix]
-
-
-def shard_shape(name: str, cfg: LlamaConfig, shards: int) -> tuple[int, ...]:
-    shape = list(full_shape(name, cfg))
-    dim = split_dim(name)
-    if dim is not None:
-        shape[dim] //= shards
-    return tuple(shape)
 
 
 def load_tensor_file(path: str) -> dict:
@@ -76,7 +48,7 @@ def load_tensor_file(path: str) -> dict:
     return sd
 
 
-class MetaCheckpoint:
+class MetaCheckpoint(WeightSource):
     """A validated Meta directory; `tensor(name)` gives full (merged) tensors lazily."""
 
     def __init__(self, directory: str):
@@ -102,6 +74,7 @@ class MetaCheckpoint:
         tokenizer = os.path.join(directory, "tokenizer.model")
         self.tokenizer = tokenizer if os.path.isfile(tokenizer) else None
         self._validate()
+        self.description = f"Meta, {self.num_shards} shard(s)"
 
     @property
     def num_shards(self) -> int:
@@ -135,14 +108,31 @@ class MetaCheckpoint:
 
     def tensor(self, name: str) -> torch.Tensor:
         """The full tensor ``name`` (concatenated over shards when Meta splits it)."""
-        dim = split_dim(name)
-        if dim is None or self.num_shards == 1:
-            return self.shards[0][name]
-        return torch.cat([sd[name] for sd in self.shards], dim=dim)
+        return self.part(name, 0, 1)
 
-    def layer(self, i: int) -> dict[str, torch.Tensor]:
-        """Layer ``i`` with layer-local names (``attention.wq.weight`` ...), full tensors."""
-        return {suffix: self.tensor(f"layers.{i}.{suffix}") for suffix in META_LAYER_KEYS}
+    def part(self, name: str, index: int, count: int) -> torch.Tensor:
+        """Piece ``index`` of ``count`` along Meta's split dim, reading only the input shards
+        that overlap it (re-sharding 8 -> 8 reads each byte once, not 8 times)."""
+        dim = split_dim(name)
+        if dim is None:
+            return _copy_out(self.shards[0][name])
+        n = self.num_shards
+        length = full_shape(name, self.config)[dim]
+        lo, hi = index * length // count, (index + 1) * length // count
+        step = length // n
+        pieces = []
+        for s in range(lo // step, -(-hi // step)):
+            src = self.shards[s][name]
+            a, b = max(lo, s * step) - s * step, min(hi, (s + 1) * step) - s * step
+            pieces.append(_copy_out(src, src.narrow(dim, a, b - a)))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
+
+
+def _copy_out(mapped: torch.Tensor, view: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A copy of (a view of) a memory-mapped tensor; its pages are then released."""
+    out = (mapped if view is None else view).clone(memory_format=torch.contiguous_format)
+    release_pages(mapped)
+    return out
 
 
 def prepare_output(output: str, force: bool) -> str:
@@ -161,37 +151,41 @@ def commit_output(tmp: str, output: str) -> None:
     os.replace(tmp, output)
 
 
-def write_meta(output: str, cfg: LlamaConfig, get_tensor: Callable[[str], torch.Tensor],
-               shards: int, dtype: Optional[torch.dtype] = None,
-               tokenizer: Optional[str] = None, force: bool = False,
-               progress: Optional[Callable[[Iterable], Iterable]] = None) -> str:
-    """Write a Meta directory with ``shards`` files from full tensors given by name.
+def write_meta(output: str, source: WeightSource, shards: int,
+               dtype: Optional[torch.dtype] = None, force: bool = False,
+               progress: bool = False) -> str:
+    """Write a Meta directory with ``shards`` files from ``source`` (any reader).
 
-    Shard files are built one at a time (``get_tensor`` is called once per shard and key;
-    make it cheap, e.g. memory-mapped). Returns ``output``.
+    Each shard file is streamed tensor by tensor (`TorchFileWriter`), so memory holds one
+    tensor, never a whole shard. Returns ``output``.
     """
+    from tqdm import tqdm
+
+    cfg = source.config
+    dtype = dtype or source.dtype
     if cfg.n_heads % shards or cfg.num_kv_heads % shards:
         raise ConfigError(f"cannot write {shards} shards: {cfg.n_heads} heads / "
                           f"{cfg.num_kv_heads} KV heads are not divisible")
     tmp = prepare_output(output, force)
+    keys = meta_keys(cfg)
+    bar = tqdm(total=shards * cfg.n_layers, unit="layer", desc="meta", disable=not progress)
     try:
-        keys = meta_keys(cfg)
-        for r in (progress or (lambda x: x))(range(shards)):
-            shard = {}
-            for key in keys:
-                full = get_tensor(key)
-                if dtype is not None:
-                    full = full.to(dtype)
-                dim = split_dim(key)
-                part = full if dim is None else full.chunk(shards, dim=dim)[r]
-                shard[key] = part.contiguous().clone()
-            torch.save(shard, os.path.join(tmp, f"consolidated.{r:02d}.pth"))
-            del shard
+        for r in range(shards):
+            path = os.path.join(tmp, f"consolidated.{r:02d}.pth")
+            writer = TorchFileWriter(path, [(k, shard_shape(k, cfg, shards), dtype) for k in keys])
+            for i, key in enumerate(keys):
+                writer.write(key, source.part(key, r, shards).to(dtype))
+                if layer_index(key) is not None and (i + 1 == len(keys) or
+                                                     layer_index(keys[i + 1]) != layer_index(key)):
+                    bar.update(1)
+            writer.close()
         cfg.to_params_json(os.path.join(tmp, "params.json"))
-        if tokenizer:
-            shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.model"))
+        if source.tokenizer:
+            shutil.copyfile(source.tokenizer, os.path.join(tmp, "tokenizer.model"))
         commit_output(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        bar.close()
     return output

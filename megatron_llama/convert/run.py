@@ -9,11 +9,14 @@ and changes dtype.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from megatron_llama.config import ConfigError
+
+if TYPE_CHECKING:
+    from megatron_llama.convert.source import WeightSource
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Meta's original shard counts by model width (LLaMA-1 release).
@@ -36,64 +39,60 @@ def detect_format(path: str) -> str:
                       "Face model directory)")
 
 
+def open_source(path: str) -> "WeightSource":
+    """The reader for the checkpoint at ``path`` (format detected); use it as a context."""
+    source = detect_format(path)
+    if source == "meta":
+        from megatron_llama.convert.meta import MetaCheckpoint
+
+        return MetaCheckpoint(path)
+    if source == "hf":
+        from megatron_llama.convert.hf import HFCheckpoint
+
+        return HFCheckpoint(path)
+    from megatron_llama.convert.megatron import MegatronCheckpoint
+
+    return MegatronCheckpoint(path)
+
+
 def convert(input_dir: str, output_dir: str, to: str, *, shards: Optional[int] = None,
             tp: int = 1, pp: int = 1, dtype: Optional[str] = None, force: bool = False,
             progress: bool = True) -> str:
-    """Convert ``input_dir`` to format ``to`` in ``output_dir``; returns a one-line summary."""
-    from tqdm import tqdm
+    """Convert ``input_dir`` to format ``to`` in ``output_dir``; returns a one-line summary.
 
-    from megatron_llama.convert.meta import MetaCheckpoint, write_meta
-
-    source = detect_format(input_dir)
+    Tensors stream from the reader to the writer one at a time (one layer at most in memory);
+    ``progress`` shows a bar advancing per layer.
+    """
+    source_format = detect_format(input_dir)
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}")
-    if source == to and source != "meta":
-        raise ConfigError(f"conversion {source} -> {to} is not supported (a Megatron checkpoint "
+    if source_format == to and to != "meta":
+        raise ConfigError(f"conversion {to} -> {to} is not supported (a Megatron checkpoint "
                           "already loads under any layout)")
     if os.path.abspath(input_dir) == os.path.abspath(output_dir):
         raise ConfigError(f"{output_dir}: output must differ from the input")
     if os.path.exists(output_dir) and not force:
         raise ConfigError(f"{output_dir}: already exists (pass --force to replace it)")
-    if source == "meta":
-        ckpt = MetaCheckpoint(input_dir)
-        cfg, get_tensor, in_dtype, tokenizer = ckpt.config, ckpt.tensor, ckpt.dtype, ckpt.tokenizer
-        in_shards = ckpt.num_shards
-        origin = f"Meta, {in_shards} shard(s)"
-    elif source == "hf":
-        from megatron_llama.convert.hf import HFCheckpoint
+    with open_source(input_dir) as source:
+        cfg = source.config
+        out_dtype = DTYPES[dtype] if dtype else source.dtype
+        if to == "meta":
+            from megatron_llama.convert.meta import write_meta
 
-        ckpt = HFCheckpoint(input_dir)
-        cfg, get_tensor, in_dtype, tokenizer = ckpt.config, ckpt.tensor, ckpt.dtype, ckpt.tokenizer
-        in_shards = 1
-        origin = "Hugging Face"
-    else:
-        from megatron_llama.convert.megatron import read_megatron
+            n = shards or META_SHARDS_BY_DIM.get(cfg.dim, getattr(source, "num_shards", 1))
+            write_meta(output_dir, source, n, dtype=out_dtype, force=force, progress=progress)
+            target = f"Meta format, {n} shard(s)"
+        elif to == "hf":
+            from megatron_llama.convert.hf import write_hf
 
-        cfg, weights, meta = read_megatron(input_dir)
-        get_tensor, in_dtype = weights.__getitem__, next(iter(weights.values())).dtype
-        tokenizer = meta.get("tokenizer") if meta.get("tokenizer") and os.path.isfile(
-            meta["tokenizer"]) else None
-        in_shards = 1
-        origin = f"Megatron, saved at {meta.get('layout')}"
-    out_dtype = DTYPES[dtype] if dtype else in_dtype
-    if to == "meta":
-        n = shards or META_SHARDS_BY_DIM.get(cfg.dim, in_shards)
-        bar = (lambda it: tqdm(it, desc="shards", unit="shard")) if progress else None
-        write_meta(output_dir, cfg, get_tensor, n, dtype=out_dtype, tokenizer=tokenizer,
-                   force=force, progress=bar)
-        target = f"Meta format, {n} shard(s)"
-    elif to == "hf":
-        from megatron_llama.convert.hf import write_hf
+            write_hf(output_dir, source, dtype=out_dtype, force=force, progress=progress)
+            target = "Hugging Face LlamaForCausalLM"
+        else:
+            from megatron_llama.convert.megatron import write_megatron
 
-        write_hf(output_dir, cfg, get_tensor, dtype=out_dtype, tokenizer=tokenizer, force=force)
-        target = "Hugging Face LlamaForCausalLM"
-    else:
-        from megatron_llama.convert.canonical import meta_keys
-        from megatron_llama.convert.megatron import write_megatron
-
-        weights = {k: get_tensor(k) for k in meta_keys(cfg)}
-        write_megatron(output_dir, cfg, weights, dtype=out_dtype, tp=tp, pp=pp,
-                       tokenizer=tokenizer, force=force)
-        target = f"Megatron checkpoint (model only, for TP={tp} PP={pp}; loads under any layout)"
+            write_megatron(output_dir, source, dtype=out_dtype, tp=tp, pp=pp, force=force,
+                           progress=progress)
+            target = (f"Megatron checkpoint (model only, for TP={tp} PP={pp}; loads under "
+                      "any layout)")
     return (f"wrote {output_dir}: {target}, {out_dtype}, {cfg.num_params():,} parameters "
-            f"(from {origin})")
+            f"(from {source.description})")

@@ -1,0 +1,49 @@
+"""What every checkpoint reader offers the writers: Meta-named full tensors, read on demand.
+
+Conversion is hub and spoke: a reader (Meta, Hugging Face, Megatron) presents the checkpoint
+as full (unsharded) tensors under Meta's names, and a writer pulls them one at a time, in
+``meta_keys`` order (embedding, norm, output, then layer by layer). No reader holds more than
+one layer, so memory stays near one output file (or tensor) plus one layer.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from megatron_llama.config import LlamaConfig
+from megatron_llama.convert.canonical import split_dim
+
+
+class WeightSource:
+    """Base of the checkpoint readers. Subclasses set the attributes and `tensor`."""
+
+    config: LlamaConfig
+    dtype: torch.dtype
+    tokenizer: Optional[str] = None  # path of a tokenizer.model to copy along, if any
+    description: str = ""  # e.g. "Meta, 2 shard(s)"
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The full tensor ``name`` (e.g. ``layers.3.attention.wq.weight``), fresh memory."""
+        raise NotImplementedError
+
+    def part(self, name: str, index: int, count: int) -> torch.Tensor:
+        """Piece ``index`` of ``count`` of ``name`` as Meta splits it across shards.
+
+        Readers that store Meta's shards override this to read only the overlapping inputs.
+        """
+        full = self.tensor(name)
+        dim = split_dim(name)
+        if dim is None or count == 1:
+            return full
+        return full.chunk(count, dim=dim)[index].clone()
+
+    def close(self) -> None:
+        """Release files and process groups the reader holds."""
+
+    def __enter__(self) -> "WeightSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
