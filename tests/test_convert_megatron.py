@@ -36,6 +36,21 @@ def test_meta_megatron_meta_bit_exact(megatron_single, tmp_path, cfg, shards, tp
         assert back[k].dtype == torch.float16 and torch.equal(back[k], v), k
 
 
+def test_truncated_megatron_checkpoint_refused_before_writing(megatron_single, tmp_path):
+    from megatron_llama.config import ConfigError
+
+    src = write_by_hand(str(tmp_path / "meta"), CFG, random_meta_weights(CFG), 1)
+    convert(src, str(tmp_path / "mcore"), "megatron", progress=False)
+    data = [os.path.join(dp, f) for dp, _, fs in os.walk(tmp_path / "mcore") for f in fs
+            if f.endswith(".distcp")]
+    assert data
+    with open(data[0], "r+b") as f:
+        f.truncate(os.path.getsize(data[0]) // 2)
+    with pytest.raises(ConfigError, match=r"\.distcp: \d+ bytes, the checkpoint metadata needs"):
+        convert(str(tmp_path / "mcore"), str(tmp_path / "out"), "meta", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def converted_logits(layout, checkpoint, tokens):
     """Logits [b, s, V] of the converted checkpoint under ``layout`` (last stage; else None),
     computed by megatron-core's forward-only schedule."""

@@ -100,6 +100,7 @@ class MegatronCheckpoint(WeightSource):
             metadata = dcp.FileSystemReader(self.path).read_metadata()
         except Exception as e:  # noqa: BLE001 - torch DCP raises many types for a bad file
             raise ConfigError(f"{self.path}: unreadable checkpoint metadata ({e})") from None
+        _check_storage_sizes(self.path, metadata)
         self._shapes = {k: (tuple(v.size), v.properties.dtype)
                         for k, v in metadata.state_dict_metadata.items() if hasattr(v, "size")}
         te = f"{LAYER_PREFIX}self_attention.linear_qkv.layer_norm_weight" in self._shapes
@@ -147,6 +148,19 @@ class MegatronCheckpoint(WeightSource):
             loaded = self._load({s: (LAYER_PREFIX + s, i) for s in self._suffixes})
             self._layer = (i, layer_to_meta([loaded], self.config, self.names))
         return self._layer[1][name.split(".", 2)[2]]
+
+
+def _check_storage_sizes(path: str, metadata) -> None:
+    """One line if a data file is missing or shorter than the metadata says (truncated copy)."""
+    ends: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        file = os.path.join(path, name)
+        size = os.path.getsize(file) if os.path.isfile(file) else None
+        if size is None or size < end:
+            raise ConfigError(f"{file}: {'missing' if size is None else f'{size} bytes'}, the "
+                              f"checkpoint metadata needs {end} (truncated or incomplete copy)")
 
 
 def _region_planner(regions: dict[str, list[int]]):
