@@ -3,6 +3,7 @@ signal-triggered checkpoints, non-finite losses. Real megatron-core, real dist_c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -131,7 +132,7 @@ def test_checkpoint_on_sigusr1_and_clean_exit(tmp_path):
            "--nproc-per-node", "2", "--tp", "2", "--dim", "64", "--n-layers", "2",
            "--n-heads", "4", "--vocab-size", "256", "--max-seq-len", "32",
            "--global-batch", "4", "--train-steps", "100000", "--warmup-steps", "10",
-           "--save", str(save), "--log-interval", "1"]
+           "--save", str(save), "--log-interval", "1", "--save-interval", "1"]
     launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 240
@@ -147,8 +148,11 @@ def test_checkpoint_on_sigusr1_and_clean_exit(tmp_path):
                    if "megatron_llama.cli" in " ".join(p.cmdline()) and "torch.distributed.run"
                    not in " ".join(p.cmdline())]
         assert len(workers) == 2
-        for w in workers:  # as SLURM does with --signal=USR1@T: every task gets it
-            w.send_signal(signal.SIGUSR1)
+        # As Slurm does with --signal=USR1@T: every process of the step gets it, also the
+        # helper processes dist_checkpointing started at the earlier saves.
+        for p in workers + [c for w in workers for c in w.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess):  # a writer may just have ended
+                p.send_signal(signal.SIGUSR1)
         output, _ = launcher.communicate(timeout=240)
     finally:
         if launcher.poll() is None:

@@ -10,13 +10,20 @@ A checkpoint is written into ``iter_N.tmp`` and renamed only after every rank fi
 the tracker names it only after that, so "latest" is always complete; a crash mid-save
 leaves the previous checkpoint as latest. The model and the optimizer use reshardable
 formats, so a run can resume under another TP/PP layout.
+
+Slurm delivers SIGUSR1 / SIGTERM (the signals that ask for a last checkpoint) to every
+process of a job step, so dist_checkpointing's helper processes (its results-queue manager,
+which lives as long as the rank, and the per-save writers) start with both signals blocked:
+otherwise the default action kills them and the very save the signal asked for fails.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 from typing import Optional
 
 import torch
@@ -91,7 +98,8 @@ def save(root: str, iteration: int, chunks, optimizer, scheduler, train_state: d
     dist.barrier()
     sd = _sharded_state(chunks, optimizer, scheduler, train_state, is_loading=False,
                         optimizer_metadata=OPTIMIZER_SHARDING)
-    dist_checkpointing.save(sd, tmp, content_metadata=OPTIMIZER_SHARDING)
+    with _stop_signals_blocked():  # inherited by the helper processes the save starts
+        dist_checkpointing.save(sd, tmp, content_metadata=OPTIMIZER_SHARDING)
     dist.barrier()
     if rank == 0:
         with open(os.path.join(tmp, METADATA), "w", encoding="utf-8") as f:
@@ -105,6 +113,26 @@ def save(root: str, iteration: int, chunks, optimizer, scheduler, train_state: d
         os.replace(tracker_tmp, os.path.join(root, TRACKER))
     dist.barrier()
     return final
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked():
+    """Block SIGUSR1/SIGTERM in this thread (and so in processes started meanwhile).
+
+    A signal arriving meanwhile stays pending (or is taken by another thread) and reaches
+    the training loop's handler afterwards. multiprocessing's resource tracker unblocks
+    SIGTERM when it first starts, so it is started first.
+    """
+    from multiprocessing import resource_tracker
+
+    stop = {signal.SIGUSR1, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    try:
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def load(root: str, chunks, optimizer, scheduler, expected_model: Optional[dict] = None
