@@ -26,7 +26,8 @@ setup(
         "psutil",  # megatron-core's dist_checkpointing imports it without declaring it
         "safetensors",  # Hugging Face import/export
         "wandb",
-        "deepspeed",
+        # the DeepSpeed engine and its checkpoint reader are tested against this release
+        "deepspeed==0.19.8",
     ],
     extras_require={
         # transformers 4.47.1: the last release with Hugging Face's own Meta->HF conversion

@@ -10,6 +10,9 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("WANDB_MODE", "offline")
+# DeepSpeed compiles a small CPU communication op on its first run: one cache for all tests.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.expanduser("~"), ".cache",
+                                                           "megatron_llama", "torch_extensions"))
 warnings.filterwarnings("ignore", message="Apex is not installed")
 
 

@@ -124,11 +124,13 @@ def test_nonfinite_loss_skipped_or_stopped(runs):
     assert first[0]["stop"].startswith("step 2: loss is nan; stopping")
 
 
-def test_checkpoint_on_sigusr1_and_clean_exit(tmp_path):
+@pytest.mark.parametrize("engine", [[], ["--engine", "deepspeed", "--zero-stage", "2"]],
+                         ids=["megatron", "deepspeed-tp2"])
+def test_checkpoint_on_sigusr1_and_clean_exit(tmp_path, engine):
     import psutil
 
     save = tmp_path / "ckpt"
-    cmd = [sys.executable, "-m", "megatron_llama.cli", "pretrain", "--synthetic",
+    cmd = [sys.executable, "-m", "megatron_llama.cli", "pretrain", "--synthetic", *engine,
            "--nproc-per-node", "2", "--tp", "2", "--dim", "64", "--n-layers", "2",
            "--n-heads", "4", "--vocab-size", "256", "--max-seq-len", "32",
            "--global-batch", "4", "--train-steps", "100000", "--warmup-steps", "10",
@@ -159,7 +161,10 @@ def test_checkpoint_on_sigusr1_and_clean_exit(tmp_path):
             launcher.kill()
     assert launcher.returncode == 0, output
     assert "stopped by a signal after step" in output
-    step = checkpoint.latest_iteration(str(save))
+    if engine:  # DeepSpeed names its latest checkpoint in "latest"
+        step = int((save / "latest").read_text().strip()[len("iter_"):])
+    else:
+        step = checkpoint.latest_iteration(str(save))
     assert step is not None and 2 <= step < 100000
     assert not any(p.name.endswith(".tmp") for p in save.iterdir())
 

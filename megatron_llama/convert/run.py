@@ -1,7 +1,8 @@
 """`megatron-llama convert`: detect the input format and run the right reader and writer.
 
 Formats: ``meta`` (params.json + consolidated.NN.pth), ``megatron`` (a `pretrain` checkpoint
-root), ``hf`` (Hugging Face LlamaForCausalLM directory, safetensors). Every pair except
+root), ``hf`` (Hugging Face LlamaForCausalLM directory, safetensors), ``deepspeed`` (a
+`pretrain --engine deepspeed` checkpoint root; input only). Every pair except
 Megatron -> Megatron (a checkpoint already loads under any layout); Meta -> Meta re-shards
 and changes dtype.
 """
@@ -32,11 +33,15 @@ def detect_format(path: str) -> str:
         return "meta"
     if "latest_checkpointed_iteration.txt" in names:
         return "megatron"
+    from megatron_llama.convert.deepspeed import is_deepspeed_root
+
+    if is_deepspeed_root(path):
+        return "deepspeed"
     if "config.json" in names and any(n.endswith((".safetensors", ".bin")) for n in names):
         return "hf"
     raise ConfigError(f"{path}: unknown checkpoint format (expected Meta params.json + "
-                      "consolidated.NN.pth, a megatron-llama checkpoint root, or a Hugging "
-                      "Face model directory)")
+                      "consolidated.NN.pth, a megatron-llama or DeepSpeed checkpoint root, or "
+                      "a Hugging Face model directory)")
 
 
 def open_source(path: str) -> "WeightSource":
@@ -50,6 +55,10 @@ def open_source(path: str) -> "WeightSource":
         from megatron_llama.convert.hf import HFCheckpoint
 
         return HFCheckpoint(path)
+    if source == "deepspeed":
+        from megatron_llama.convert.deepspeed import DeepSpeedCheckpoint
+
+        return DeepSpeedCheckpoint(path)
     from megatron_llama.convert.megatron import MegatronCheckpoint
 
     return MegatronCheckpoint(path)

@@ -7,6 +7,7 @@ wires them to LLaMA's causal-LM loss.
 
 from __future__ import annotations
 
+import os
 from functools import partial
 from typing import Iterable, Optional
 
@@ -100,3 +101,74 @@ def forward_backward(chunks: list, tconfig, microbatches: list[dict], *, seq_len
         forward_only=forward_only,
     )
     return [d["lm loss"] for d in losses]
+
+
+class MegatronEngine:
+    """megatron-core's DDP + distributed optimizer + schedules for one run (all layouts).
+
+    The pretraining loop drives either this or `engines.deepspeed.DeepSpeedEngine` through
+    the same methods: `forward_backward`, `update`, `skip`, `evaluate`, `save`, `load`, `lr`.
+    """
+
+    name = "megatron"
+
+    def __init__(self, cfg, chunks: list, tconfig):
+        from megatron_llama.training.recipe import build_optimizer, build_scheduler
+
+        self.cfg, self.tconfig = cfg, tconfig
+        # DP reduce-scatter overlaps the backward
+        self.chunks = wrap_ddp(chunks, tconfig, use_distributed_optimizer=True,
+                               overlap_grad_reduce=True)
+        self.optimizer = build_optimizer(self.chunks, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+
+    @property
+    def lr(self) -> float:
+        groups = self.optimizer.param_groups
+        return groups[0]["lr"] if groups else self.scheduler.get_lr({})
+
+    def forward_backward(self, microbatches: list[dict], poison: bool = False) -> list:
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        return forward_backward(self.chunks, self.tconfig, microbatches,
+                                seq_length=self.cfg.seq_length,
+                                micro_batch_size=self.cfg.micro_batch, poison=poison)
+
+    def update(self, update_number: int) -> Optional[float]:
+        self.scheduler.step(1)  # the lr of update k is recipe.lr_at(k)
+        _, grad_norm, _ = self.optimizer.step()
+        return float(grad_norm) if grad_norm is not None else None
+
+    def skip(self) -> None:
+        """No update: the gradients are zeroed at the start of the next step."""
+
+    def evaluate(self, batches: list[list[dict]]) -> list:
+        for chunk in self.chunks:
+            chunk.eval()
+        with torch.no_grad():
+            losses = [loss for b in batches
+                      for loss in forward_backward(self.chunks, self.tconfig, b,
+                                                   seq_length=self.cfg.seq_length,
+                                                   micro_batch_size=self.cfg.micro_batch,
+                                                   forward_only=True)]
+        for chunk in self.chunks:
+            chunk.train()
+        return losses
+
+    def save(self, root: str, iteration: int, train_state: dict, metadata: dict) -> None:
+        from megatron_llama.training import checkpoint
+
+        checkpoint.save(root, iteration, self.chunks, self.optimizer, self.scheduler,
+                        train_state, metadata=metadata)
+
+    def load(self, root: str, expected_model: Optional[dict]) -> Optional[dict]:
+        from megatron_llama.training import checkpoint
+
+        if os.path.isfile(os.path.join(root, "latest")) and checkpoint.latest_iteration(root) is None:
+            from megatron_llama.config import ConfigError
+
+            raise ConfigError(f"{root}: a DeepSpeed checkpoint; resume it with --engine "
+                              "deepspeed, or convert it")
+        return checkpoint.load(root, self.chunks, self.optimizer, self.scheduler,
+                               expected_model=expected_model)

@@ -28,6 +28,18 @@ def add_pretrain_args(p: argparse.ArgumentParser) -> None:
     par.add_argument("--nproc-per-node", type=int, default=None,
                      help="start this many local processes (torchrun) when not already "
                           "launched by torchrun or srun")
+    e = p.add_argument_group("engine")
+    e.add_argument("--engine", choices=("megatron", "deepspeed"), default="megatron",
+                   help="megatron: megatron-core DDP + distributed optimizer (default; all "
+                        "layouts); deepspeed: DeepSpeed ZeRO data parallelism around the same "
+                        "model (TP without SP; no PP)")
+    e.add_argument("--zero-stage", type=int, choices=(1, 2, 3), default=1,
+                   help="DeepSpeed ZeRO stage: 1 shards optimizer states, 2 also gradients, "
+                        "3 also parameters (1)")
+    e.add_argument("--offload-optimizer", action="store_true",
+                   help="DeepSpeed: keep optimizer states on the CPU and step there")
+    e.add_argument("--deepspeed-config", default=None,
+                   help="DeepSpeed JSON merged over the config generated from these flags")
     r = p.add_argument_group("recipe (defaults: the paper's)")
     r.add_argument("--seq-length", type=int, default=None, help="tokens per sequence (max_seq_len)")
     r.add_argument("--micro-batch", type=int, default=1, help="sequences per microbatch (1)")
@@ -103,4 +115,5 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         log_interval=args.log_interval, log_file=args.log_file,
         wandb_project=args.wandb_project, wandb_run=args.wandb_run,
         peak_tflops=args.peak_tflops, nan_policy=args.on_nan,
-        exit_after_steps=args.exit_after_steps)
+        exit_after_steps=args.exit_after_steps, engine=args.engine, zero_stage=args.zero_stage,
+        offload_optimizer=args.offload_optimizer, deepspeed_config=args.deepspeed_config)

@@ -1,7 +1,9 @@
-"""The pretraining loop: megatron-core schedules, distributed AdamW, logs, checkpoints, signals.
+"""The pretraining loop: one engine, the paper's schedule, logs, checkpoints, signals.
 
-Per iteration: zero the DDP grad buffers, run the forward-backward schedule of the layout
-(no pipelining, 1F1B or interleaved 1F1B) over the global batch's microbatches, agree on
+The engine is megatron-core's (DDP + distributed optimizer + the layout's schedule:
+`engines.megatron.MegatronEngine`) or DeepSpeed's (`engines.deepspeed.DeepSpeedEngine`);
+both train the same megatron-core model on the same data. Per iteration: run forward and
+backward over the global batch's microbatches, agree on
 the loss and on pending signals across all ranks (one small all-reduce), skip the update
 (or stop) if the loss is not finite, otherwise advance the lr schedule and step the
 optimizer. SIGTERM / SIGUSR1 (how SLURM warns before preemption) make every rank save a
@@ -53,23 +55,23 @@ def _train(cfg: TrainConfig, tokenizer, rank: int, world: int) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megatron_llama.engines.megatron import forward_backward, wrap_ddp
+    from megatron_llama.engines.megatron import MegatronEngine
     from megatron_llama.model import build_model
-    from megatron_llama.training import checkpoint
     from megatron_llama.training.data import build_train_data
     from megatron_llama.training.metrics import (RunLog, flops_per_token, memory_gb,
                                                  peak_tflops)
-    from megatron_llama.training.recipe import build_optimizer, build_scheduler
 
     tconfig = to_transformer_config(cfg.model, cfg.layout, dtype=cfg.dtype, recompute=cfg.recompute)
-    chunks = wrap_ddp(build_model(cfg.model, tconfig), tconfig, use_distributed_optimizer=True,
-                      overlap_grad_reduce=True)  # DP reduce-scatter overlaps the backward
-    optimizer = build_optimizer(chunks, cfg)
-    scheduler = build_scheduler(optimizer, cfg)
+    chunks = build_model(cfg.model, tconfig)
+    if cfg.engine == "deepspeed":
+        from megatron_llama.engines.deepspeed import DeepSpeedEngine
+
+        engine = DeepSpeedEngine(cfg, chunks[0], ps.get_data_parallel_world_size())
+    else:
+        engine = MegatronEngine(cfg, chunks, tconfig)
     state = {"iteration": 0, "consumed_samples": 0, "updates": 0, "skipped": 0}
     if cfg.load_dir:
-        loaded = checkpoint.load(cfg.load_dir, chunks, optimizer, scheduler,
-                                 expected_model=_checkpoint_metadata(cfg)["model"])
+        loaded = engine.load(cfg.load_dir, expected_model=_checkpoint_metadata(cfg)["model"])
         if loaded is not None:
             state.update(loaded)
     dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -84,7 +86,8 @@ def _train(cfg: TrainConfig, tokenizer, rank: int, world: int) -> dict:
     tokens_per_step = cfg.global_batch * cfg.seq_length
     if rank == 0:
         print(f"pretraining {cfg.model.num_params():,} parameters, "
-              f"{cfg.layout.describe(world)}, {data.num_microbatches} microbatches of "
+              f"{cfg.layout.describe(world)}, engine {_describe_engine(cfg)}, "
+              f"{data.num_microbatches} microbatches of "
               f"{cfg.micro_batch} x {cfg.seq_length}, {cfg.dtype}, peak {peak:.3f} TFLOP/s "
               f"({peak_source}); starting at step {state['iteration'] + 1}", flush=True)
     _signal_received["value"] = 0
@@ -97,24 +100,19 @@ def _train(cfg: TrainConfig, tokenizer, rank: int, world: int) -> dict:
         while state["iteration"] < cfg.train_steps:
             it = state["iteration"] + 1
             start = time.perf_counter()
-            for chunk in chunks:
-                chunk.zero_grad_buffer()
-            optimizer.zero_grad()
-            local = forward_backward(chunks, tconfig, data.train_batches(state["consumed_samples"]),
-                                     seq_length=cfg.seq_length, micro_batch_size=cfg.micro_batch,
-                                     poison=it in nan_steps)
+            local = engine.forward_backward(data.train_batches(state["consumed_samples"]),
+                                            poison=it in nan_steps)
             loss, stop_signal = _agree(local, _signal_received["value"])
             record = {"step": it}
             if math.isfinite(loss):
-                scheduler.step(1)
-                _, grad_norm, _ = optimizer.step()
+                record["grad_norm"] = engine.update(state["updates"] + 1)
                 state["updates"] += 1
-                record["grad_norm"] = float(grad_norm) if grad_norm is not None else None
             else:
                 state["skipped"] += 1
                 message = f"step {it}: loss is {loss}; "
                 if cfg.nan_policy == "stop":
                     raise NonFiniteLoss(message + "stopping (--on-nan stop)")
+                engine.skip()
                 if rank == 0:
                     print(message + "update skipped (--on-nan skip)", flush=True)
             state["iteration"] = it
@@ -123,19 +121,17 @@ def _train(cfg: TrainConfig, tokenizer, rank: int, world: int) -> dict:
             losses[it] = loss
             tok_s_gpu = tokens_per_step / elapsed / world
             tflops = tok_s_gpu * flops_tok / 1e12
-            record.update(loss=loss, lr=optimizer.param_groups[0]["lr"] if optimizer.param_groups
-                          else scheduler.get_lr({}), skipped=state["skipped"],
+            record.update(loss=loss, lr=engine.lr, skipped=state["skipped"],
                           consumed_samples=state["consumed_samples"], step_time=elapsed,
                           tokens_per_s_per_gpu=tok_s_gpu, tflops_per_gpu=tflops,
                           mfu=tflops / peak if peak else None, memory_gb=memory_gb())
             if it % cfg.log_interval == 0 or it == cfg.train_steps:
                 log.write(record, echo=_format(record))
             if cfg.eval_interval and it % cfg.eval_interval == 0:
-                _evaluate(chunks, tconfig, data, cfg, log, it)
+                _evaluate(engine, data, cfg, log, it)
             must_save = (cfg.save_interval and it % cfg.save_interval == 0) or stop_signal
             if cfg.save_dir and (must_save or it == cfg.train_steps):
-                checkpoint.save(cfg.save_dir, it, chunks, optimizer, scheduler, state,
-                                metadata=_checkpoint_metadata(cfg))
+                engine.save(cfg.save_dir, it, state, _checkpoint_metadata(cfg))
                 if kill_after and it >= kill_after:
                     os.kill(os.getpid(), signal.SIGKILL)
             if stop_signal:
@@ -171,24 +167,19 @@ def _agree(local_losses: list, signum: int) -> tuple[float, bool]:
     return loss, bool(total[2] > 0)
 
 
-def _evaluate(chunks, tconfig, data, cfg: TrainConfig, log, step: int) -> None:
-    from megatron_llama.engines.megatron import forward_backward
-
+def _evaluate(engine, data, cfg: TrainConfig, log, step: int) -> None:
     batches = data.valid_batches(cfg.eval_iters)
     if not batches:
         return
-    for chunk in chunks:
-        chunk.eval()
-    with torch.no_grad():
-        per_batch = [forward_backward(chunks, tconfig, b, seq_length=cfg.seq_length,
-                                      micro_batch_size=cfg.micro_batch, forward_only=True)
-                     for b in batches]
-    for chunk in chunks:
-        chunk.train()
-    flat = [l for b in per_batch for l in b]
-    loss, _ = _agree(flat, 0)
+    loss, _ = _agree(engine.evaluate(batches), 0)
     log.write({"step": step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))},
               echo=f"step {step:>6} | validation loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.2f}")
+
+
+def _describe_engine(cfg: TrainConfig) -> str:
+    if cfg.engine == "deepspeed":
+        return f"DeepSpeed ZeRO-{cfg.zero_stage}" + (" (optimizer offload)" if cfg.offload_optimizer else "")
+    return "megatron-core (DDP + distributed optimizer)"
 
 
 def _format(r: dict) -> str:

@@ -54,6 +54,11 @@ class TrainConfig:
     peak_tflops: Optional[float] = None  # per GPU; None = known GPU table / CPU measurement
     nan_policy: str = "skip"          # skip | stop
     exit_after_steps: Optional[int] = None  # stop (with a checkpoint) after this many steps
+    # engine: megatron-core DDP + distributed optimizer, or DeepSpeed ZeRO
+    engine: str = "megatron"          # megatron | deepspeed
+    zero_stage: int = 1               # DeepSpeed ZeRO stage 1, 2 or 3
+    offload_optimizer: bool = False   # DeepSpeed: optimizer states and step on the CPU
+    deepspeed_config: Optional[str] = None  # JSON merged over the generated DeepSpeed config
 
     @property
     def min_lr(self) -> float:
@@ -76,6 +81,12 @@ class TrainConfig:
             raise ConfigError(f"nan policy must be skip or stop, got {self.nan_policy!r}")
         if self.train_steps < 1:
             raise ConfigError("train steps must be >= 1")
+        if self.engine not in ("megatron", "deepspeed"):
+            raise ConfigError(f"engine must be megatron or deepspeed, got {self.engine!r}")
+        if self.engine == "deepspeed":
+            from megatron_llama.engines.deepspeed import check
+
+            check(self)
 
     @classmethod
     def from_preset(cls, preset: Preset, **overrides) -> "TrainConfig":

@@ -1,0 +1,212 @@
+"""The DeepSpeed engine: ZeRO-1/2/3 data parallelism around the same megatron-core GPTModel.
+
+The model is exactly the one the megatron-core engine trains (`model.build_model`: LLaMA's
+layer spec, megatron-core's tensor-parallel layers). DeepSpeed takes over what megatron-core's
+DDP and distributed optimizer do otherwise: gradient averaging over the data-parallel group,
+sharding of optimizer states (ZeRO-1), gradients (ZeRO-2) and parameters (ZeRO-3), optional
+optimizer offload to the CPU, clipping, and checkpoints. megatron-core's process groups are
+handed to DeepSpeed through `MegatronMPU`, so DeepSpeed's data-parallel group excludes the
+tensor-parallel ranks and its gradient norm counts TP-sharded weights once per shard.
+
+Limits (refused with one line by `check`): no pipeline parallelism (DeepSpeed's pipeline
+engine needs its own PipelineModule) and no sequence parallelism (the SP norm-gradient
+all-reduce is part of megatron-core's DDP, which DeepSpeed replaces).
+
+The recipe is the same: AdamW (0.9, 0.95, eps 1e-8, wd 0.1 on matrices only), clipping 1.0,
+and the learning rate of `recipe.lr_at` set on the optimizer before every update.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import torch
+
+from megatron_llama.config import ConfigError
+from megatron_llama.training.recipe import TrainConfig, lr_at
+
+TAG_PREFIX = "iter_"
+
+
+class MegatronMPU:
+    """megatron-core's parallel_state under the names DeepSpeed's ``mpu`` argument expects."""
+
+    def __getattr__(self, name: str):
+        from megatron.core import parallel_state as ps
+
+        aliases = {"get_model_parallel_group": ps.get_tensor_model_parallel_group,
+                   "get_model_parallel_rank": ps.get_tensor_model_parallel_rank,
+                   "get_model_parallel_world_size": ps.get_tensor_model_parallel_world_size,
+                   "get_model_parallel_src_rank": ps.get_tensor_model_parallel_src_rank,
+                   "get_sequence_parallel_world_size": lambda: 1,
+                   "get_sequence_parallel_rank": lambda: 0}
+        if name in aliases:
+            return aliases[name]
+        return getattr(ps, name)
+
+
+def check(cfg: TrainConfig) -> None:
+    """Refuse what the DeepSpeed engine cannot run, with one line."""
+    if cfg.zero_stage not in (1, 2, 3):
+        raise ConfigError(f"--zero-stage must be 1, 2 or 3, got {cfg.zero_stage}")
+    if cfg.layout.pp > 1:
+        raise ConfigError("--engine deepspeed runs without pipeline parallelism (--pp 1): "
+                          "DeepSpeed's pipeline engine needs its own PipelineModule")
+    if cfg.layout.sp:
+        raise ConfigError("--engine deepspeed runs without --sp: the sequence-parallel norm "
+                          "gradient reduction belongs to megatron-core's DDP")
+    if cfg.deepspeed_config and not os.path.isfile(cfg.deepspeed_config):
+        raise ConfigError(f"{cfg.deepspeed_config}: DeepSpeed config not found")
+
+
+def deepspeed_config(cfg: TrainConfig, dp_size: int) -> dict:
+    """DeepSpeed's JSON config from our flags, then ``--deepspeed-config`` merged over it."""
+    accumulation = cfg.global_batch // (cfg.micro_batch * dp_size)
+    config: dict = {
+        "train_batch_size": cfg.global_batch,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": cfg.clip_grad,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": cfg.dtype == "bf16"},
+        "fp16": {"enabled": cfg.dtype == "fp16", "initial_scale_power": 16},
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": cfg.lr, "betas": [cfg.adam_beta1, cfg.adam_beta2], "eps": cfg.adam_eps,
+            "weight_decay": cfg.weight_decay,
+            # torch's AdamW unless offloaded (DeepSpeed's CPU Adam then); its FusedAdam is CUDA
+            "torch_adam": not cfg.offload_optimizer}},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.offload_optimizer:
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    if cfg.deepspeed_config:
+        with open(cfg.deepspeed_config, encoding="utf-8") as f:
+            try:
+                override = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{cfg.deepspeed_config}: not valid JSON ({e})") from None
+        _merge(config, override)
+    return config
+
+
+def _merge(base: dict, override: dict) -> None:
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only, as megatron-core's optimizer does (no decay on norms)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() == 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+class DeepSpeedEngine:
+    """Train step, evaluation and checkpoints of one model under DeepSpeed (see module doc)."""
+
+    name = "deepspeed"
+
+    def __init__(self, cfg: TrainConfig, model, dp_size: int):
+        import deepspeed
+
+        self.cfg = cfg
+        self.config = deepspeed_config(cfg, dp_size)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, cfg.weight_decay),
+            config=self.config, mpu=MegatronMPU(), dist_init_required=False)
+        self.accumulation = self.config["gradient_accumulation_steps"]
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def _loss(self, batch: dict, poison: bool = False) -> torch.Tensor:
+        from megatron_llama.engines.megatron import lm_loss
+
+        tokens, labels = batch["tokens"], batch["labels"]
+        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+        per_token = self.engine(tokens, positions, None, labels=labels)
+        return lm_loss(per_token, batch.get("loss_mask"), poison=poison)[0]
+
+    def forward_backward(self, microbatches: list[dict], poison: bool = False) -> list:
+        """Forward and backward over this rank's microbatches (DeepSpeed averages them)."""
+        if len(microbatches) != self.accumulation:
+            raise RuntimeError(f"{len(microbatches)} microbatches, DeepSpeed expects "
+                               f"{self.accumulation}")
+        losses = []
+        for i, batch in enumerate(microbatches):
+            loss = self._loss(batch, poison)
+            self.engine.backward(loss)
+            losses.append(loss.detach().clone())
+            if i < len(microbatches) - 1:
+                self.engine.step()  # only counts the micro step: not a boundary
+        return losses
+
+    def update(self, update_number: int) -> Optional[float]:
+        """The optimizer step at the accumulation boundary, at the paper's lr for it."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(update_number, self.cfg)
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else None
+
+    def skip(self) -> None:
+        """End the step without an update: DeepSpeed itself skips a non-finite gradient."""
+        skipped = self.engine.skipped_steps
+        self.engine.step()
+        if self.engine.skipped_steps == skipped:
+            raise RuntimeError("DeepSpeed applied an update with a non-finite loss")
+
+    def evaluate(self, batches: list[list[dict]]) -> list:
+        self.engine.eval()
+        with torch.no_grad():
+            losses = [self._loss(b).detach() for group in batches for b in group]
+        self.engine.train()
+        return losses
+
+    def save(self, root: str, iteration: int, train_state: dict, metadata: dict) -> None:
+        """DeepSpeed's checkpoint (``<root>/iter_N``, ``latest``) plus our metadata file."""
+        import torch.distributed as dist
+
+        from megatron_llama.training.checkpoint import METADATA
+
+        tag = f"{TAG_PREFIX}{iteration:07d}"
+        self.engine.save_checkpoint(root, tag=tag, client_state={"train_state": train_state})
+        if dist.get_rank() == 0:
+            path = os.path.join(root, tag, METADATA)
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                json.dump({**metadata, "engine": "deepspeed", "zero_stage": self.cfg.zero_stage,
+                           "iteration": iteration, **train_state}, f, indent=1)
+            os.replace(path + ".tmp", path)
+        dist.barrier()
+
+    def load(self, root: str, expected_model: Optional[dict]) -> Optional[dict]:
+        """Resume from ``<root>/latest``; None when there is no DeepSpeed checkpoint."""
+        from megatron_llama.training.checkpoint import METADATA
+
+        latest = os.path.join(root, "latest")
+        if not os.path.isfile(latest):
+            if os.path.isfile(os.path.join(root, "latest_checkpointed_iteration.txt")):
+                raise ConfigError(f"{root}: a megatron-core checkpoint; resume it with --engine "
+                                  "megatron, or convert it")
+            return None
+        tag = open(latest, encoding="utf-8").read().strip()
+        meta_path = os.path.join(root, tag, METADATA)
+        if expected_model is not None and os.path.isfile(meta_path):
+            saved = json.load(open(meta_path, encoding="utf-8")).get("model")
+            if saved != expected_model:
+                raise ConfigError(f"{meta_path}: checkpoint of another model ({saved}); "
+                                  "refusing to load it")
+        path, client = self.engine.load_checkpoint(root, tag=tag)
+        if path is None:
+            raise ConfigError(f"{os.path.join(root, tag)}: DeepSpeed could not load it")
+        return client["train_state"]
