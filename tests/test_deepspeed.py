@@ -35,6 +35,8 @@ def engines_worker(rank, world, workdir):
         out[f"zero{stage}"] = pretrain(run_config(
             workdir, f"zero{stage}", engine="deepspeed", zero_stage=stage,
             save_dir=os.path.join(workdir, f"zero{stage}")))["losses"]
+    out["zero2-offload"] = pretrain(run_config(workdir, "offload", engine="deepspeed",
+                                               zero_stage=2, offload_optimizer=True))["losses"]
     out["tp2"] = pretrain(run_config(workdir, "tp2", engine="deepspeed", zero_stage=1,
                                      layout=ParallelLayout(tp=2),
                                      save_dir=os.path.join(workdir, "tp2")))["losses"]
@@ -54,7 +56,7 @@ def test_zero_stages_match_megatron_engine_and_resume_exactly(tmp_path):
     losses = results[0]
     reference = losses["megatron"]
     assert sorted(reference) == list(range(1, STEPS + 1))
-    for name in ("zero1", "zero2", "zero3", "tp2"):
+    for name in ("zero1", "zero2", "zero3", "zero2-offload", "tp2"):
         worst = max(abs(losses[name][s] - v) / abs(v) for s, v in reference.items())
         print(f"{name}: worst relative loss difference to megatron-core over {STEPS} steps "
               f"{worst:.2e}")
