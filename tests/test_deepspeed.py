@@ -3,6 +3,7 @@ engine's losses; resume is exact; DeepSpeed checkpoints convert to Meta, Megatro
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -47,6 +48,13 @@ def engines_worker(rank, world, workdir):
     second = pretrain(run_config(workdir, "part2", engine="deepspeed", zero_stage=2,
                                  save_dir=save, load_dir=save))
     out["resumed"] = {**first["losses"], **second["losses"]}
+    # A NaN loss at step 2: DeepSpeed skips that update like the megatron-core engine does.
+    os.environ["MEGATRON_LLAMA_TEST_NAN_STEPS"] = "2"
+    try:
+        out["nan"] = pretrain(run_config(workdir, "nan", engine="deepspeed", zero_stage=1,
+                                         train_steps=4))
+    finally:
+        del os.environ["MEGATRON_LLAMA_TEST_NAN_STEPS"]
     return out
 
 
@@ -62,6 +70,9 @@ def test_zero_stages_match_megatron_engine_and_resume_exactly(tmp_path):
               f"{worst:.2e}")
         assert worst <= TOLERANCE, (name, losses[name], reference)
     assert losses["resumed"] == losses["zero2"]  # bitwise
+    nan = losses["nan"]
+    assert nan["skipped"] == 1 and math.isnan(nan["losses"][2])
+    assert all(math.isfinite(nan["losses"][s]) for s in (1, 3, 4))
     check_conversions(tmp_path)
 
 
