@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
 import re
 
 import torch
@@ -60,15 +59,10 @@ def _safe_globals() -> list:
 
 
 def _load(path: str) -> dict:
-    try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ConfigError(f"{path}: refused: not a plain DeepSpeed checkpoint file (loading it "
-                          f"would run code: {str(e).splitlines()[0][:120]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ConfigError(f"{path}: truncated or corrupt checkpoint file "
-                          f"({str(e).splitlines()[0][:120]})") from None
+    from megatron_llama.convert.meta import load_tensor_file
+
+    return load_tensor_file(path, allowed=tuple(_safe_globals()),
+                            what="DeepSpeed checkpoint file")
 
 
 class _RankWeights:

@@ -33,16 +33,26 @@ from megatron_llama.convert.tensorio import TorchFileWriter, release_pages
 SHARD_RE = re.compile(r"^consolidated\.(\d{2})\.pth$")
 
 
-def load_tensor_file(path: str) -> dict:
-    """A state dict file, memory-mapped, without running any pickled code."""
+def load_tensor_file(path: str, allowed: tuple = (), what: str = "tensor checkpoint") -> dict:
+    """A checkpoint file, memory-mapped, without running any pickled code.
+
+    ``allowed`` lists the only extra classes the file may reference (e.g. DeepSpeed's loss
+    scaler); anything else that would run code is refused with one line.
+    """
     try:
-        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ConfigError(f"{path}: refused: the file is not a plain tensor checkpoint "
+        raise ConfigError(f"{path}: refused: the file is not a plain {what} "
                           f"(loading it would run code: {str(e).splitlines()[0][:120]})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise ConfigError(f"{path}: truncated or corrupt checkpoint file "
                           f"({str(e).splitlines()[0][:120]})") from None
+
+
+def load_state_dict_file(path: str) -> dict:
+    """`load_tensor_file` that also requires a flat dict of tensors (Meta's shards)."""
+    sd = load_tensor_file(path)
     if not isinstance(sd, dict) or not all(isinstance(t, torch.Tensor) for t in sd.values()):
         raise ConfigError(f"{path}: expected a dict of tensors")
     return sd
@@ -64,7 +74,7 @@ class MetaCheckpoint(WeightSource):
             raise ConfigError(f"{directory}: shard files {files} are not consolidated.00 .. "
                               f"{len(files) - 1:02d}")
         self.paths = [os.path.join(directory, f) for f in files]
-        self.shards = [load_tensor_file(p) for p in self.paths]
+        self.shards = [load_state_dict_file(p) for p in self.paths]
         first = self.shards[0]
         emb = first.get("tok_embeddings.weight")
         if emb is None:
