@@ -64,6 +64,22 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+def _first_job_id() -> int:
+    """A job id whose rendezvous port (20000 + id % 20000, see parallel.py) is free now, so
+    a busy port 20001 on this host cannot fail the test's job 1."""
+    import random
+    import socket
+
+    for job_id in random.Random(os.getpid()).sample(range(1000, 19000), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", 20000 + job_id))
+                return job_id
+            except OSError:
+                continue
+    return 1
+
+
 class LocalSlurm:
     """Two slurmd nodes (n1, n2, 1 CPU each) and a controller, configured under ``root``."""
 
@@ -108,6 +124,7 @@ class LocalSlurm:
                           "CPUs=1 State=UNKNOWN" for n, p in zip(self.NODES, node_ports))
         self.conf.write_text(f"""\
 ClusterName=mlltest
+FirstJobId={_first_job_id()}
 SlurmctldHost={host}
 SlurmctldPort={ctld_port}
 SlurmUser=root
