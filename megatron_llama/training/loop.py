@@ -133,7 +133,7 @@ def _train(cfg: TrainConfig, tokenizer, rank: int, world: int) -> dict:
             if cfg.save_dir and (must_save or it == cfg.train_steps):
                 engine.save(cfg.save_dir, it, state, _checkpoint_metadata(cfg))
                 if kill_after and it >= kill_after:
-                    os.kill(os.getpid(), signal.SIGKILL)
+                    _crash()
             if stop_signal:
                 status = f"stopped by a signal after step {it}"
                 if rank == 0:
@@ -148,6 +148,16 @@ def _train(cfg: TrainConfig, tokenizer, rank: int, world: int) -> dict:
         log.close()
     return {"status": status, "iteration": state["iteration"], "losses": losses,
             "skipped": state["skipped"]}
+
+
+def _crash() -> None:
+    """Fault injection: die as a crashed node does, helper processes (checkpoint writers,
+    DeepSpeed's) included, so none outlives the test as an orphan."""
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        child.kill()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _agree(local_losses: list, signum: int) -> tuple[float, bool]:
