@@ -1,0 +1,95 @@
+"""`benchmark`: JSON fields, MFU by both formulas against hand computations, measured peak
+memory against the planner's prediction (in one process and on 2 spawned ranks), and the
+transformers comparison. Throughput values are not asserted (shared, noisy CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from megatron_llama.config import LlamaConfig
+from megatron_llama.parallel import ParallelLayout
+from megatron_llama.planner import PlanLayout, memory_per_gpu
+
+# dim 256, 4 layers, 4 heads, FFN 704, vocab 4096: activations dominate the step's memory
+CFG = LlamaConfig(dim=256, n_layers=4, n_heads=4, vocab_size=4096, multiple_of=32,
+                  max_seq_len=256)
+SEQ, MICRO = 256, 4
+# By hand: N without input embedding = 4 layers x (4*256^2 + 3*256*704 + 2*256) + 256
+# (final norm) + 4096*256 (output) = 4,262,144; attention 4*4*64*256 = 262,144 per token.
+PALM_FLOPS = 6 * 4_262_144 + 12 * 262_144            # 28,718,592
+MEGATRON_FLOPS = 6 * 4_262_144 + 6 * 262_144         # 27,145,728
+# Measured peak tensor memory (torch's allocator) vs planner, fp32: within +-15 %.
+MEMORY_TOLERANCE = 0.15
+
+
+def _bench(**kw):
+    from megatron_llama.benchmark import BenchConfig
+
+    kw.setdefault("layout", ParallelLayout())
+    return BenchConfig(model=CFG, seq_length=SEQ, micro_batch=MICRO, warmup=1, iters=2,
+                       threads=2, **kw)
+
+
+def _predicted(report, rc, tp=1, sp=False, pp=1):
+    lay = PlanLayout(tp=tp, pp=pp, sp=sp, micro_batch=MICRO, recompute=rc)
+    return memory_per_gpu(CFG, lay, SEQ, report["layout"]["microbatches"], param_bytes=4).total
+
+
+def test_benchmark_report_mfu_memory_and_transformers(megatron_single, tmp_path):
+    from megatron_llama.benchmark import format_report, run_benchmark, write_json
+
+    report = run_benchmark(_bench(compare_hf=True))
+    write_json(report, str(tmp_path / "b.json"))
+    r = json.loads((tmp_path / "b.json").read_text())
+    for key in ("tokens_per_s_per_gpu", "tflops_per_gpu", "mfu", "step_time_s", "memory",
+                "layout", "formulas", "peak_tflops_per_gpu", "peak_source", "transformers"):
+        assert key in r, key
+    assert {"mean", "median", "p90"} <= set(r["step_time_s"])
+    assert r["layout"]["tp"] == 1 and r["layout"]["global_batch"] == MICRO
+    assert r["flops_per_token"] == {"palm": PALM_FLOPS, "megatron_causal": MEGATRON_FLOPS}
+    tok = MICRO * SEQ / r["step_time_s"]["mean"]
+    assert r["tokens_per_s_per_gpu"] == pytest.approx(tok)
+    peak = r["peak_tflops_per_gpu"]
+    assert 0 < peak == pytest.approx(max(r["gemm_tflops"]["windows_rank0"]))
+    assert r["mfu"]["palm"] == pytest.approx(tok * PALM_FLOPS / 1e12 / peak)
+    assert r["mfu"]["megatron_causal"] == pytest.approx(tok * MEGATRON_FLOPS / 1e12 / peak)
+    hf = r["transformers"]
+    assert hf["tokens_per_s"] > 0 and 7 < hf["loss"] < 10  # ln(4096) = 8.3 at the start
+    assert hf["ratio_ours_over_transformers"] == pytest.approx(r["tokens_per_s"] / hf["tokens_per_s"])
+    assert 7 < r["loss"] < 10
+    assert "ours / transformers" in format_report(r)
+    measured = r["memory"]["peak_tensor_gb_per_rank"][0] * 1e9
+    assert measured == pytest.approx(_predicted(r, "none"), rel=MEMORY_TOLERANCE)
+    # static part: 4 + 4 (fp32 grad buffer) + 8 (Adam) bytes per parameter (+ 4-byte steps)
+    assert r["memory"]["static_tensor_gb_per_rank"][0] * 1e9 == pytest.approx(
+        16 * CFG.num_params(), abs=1024)
+
+
+def test_full_recompute_memory_matches_planner(megatron_single):
+    from megatron_llama.benchmark import run_benchmark
+
+    r = run_benchmark(_bench(recompute="full"))
+    measured = r["memory"]["peak_tensor_gb_per_rank"][0] * 1e9
+    assert measured == pytest.approx(_predicted(r, "full"), rel=MEMORY_TOLERANCE)
+    assert _predicted(r, "full") < 0.8 * _predicted(r, "none")
+
+
+def test_two_rank_tp_sp_benchmark_memory(tmp_path):
+    """TP=2 + SP on 2 spawned ranks: per-rank memory, the slowest rank's step time."""
+    from megatron_llama.benchmark import run_benchmark
+
+    r = run_benchmark(_bench(layout=ParallelLayout(tp=2, sp=True)))
+    assert r["layout"]["world"] == 2 and r["layout"]["sp"]
+    for gb in r["memory"]["peak_tensor_gb_per_rank"]:
+        assert gb * 1e9 == pytest.approx(_predicted(r, "none", tp=2, sp=True),
+                                         rel=MEMORY_TOLERANCE)
+
+
+def test_benchmark_refuses_illegal_layouts():
+    from megatron_llama.cli import main
+
+    assert main(["benchmark", "--preset", "tiny", "--tp", "3"]) == 2        # 4 heads
+    assert main(["benchmark", "--preset", "tiny", "--sp"]) == 2             # SP needs TP
+    assert main(["benchmark", "--preset", "tiny", "--tp", "2", "--compare-hf"]) == 2
