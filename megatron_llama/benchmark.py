@@ -69,8 +69,6 @@ class BenchConfig:
         return self.micro_batch * self.dp * (2 * self.layout.pp if self.layout.pp > 1 else 1)
 
     def check(self) -> None:
-        from megatron_llama.training.recipe import TrainConfig
-
         if self.warmup < 0 or self.iters < 1:
             raise ConfigError("need --warmup >= 0 and --iters >= 1")
         self._train_config().check(self.world)
