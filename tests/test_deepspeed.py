@@ -121,3 +121,31 @@ def test_deepspeed_layout_refusals():
     with pytest.raises(ConfigError, match="without --sp"):
         TrainConfig(model=MODEL, layout=ParallelLayout(tp=2, sp=True), seq_length=32,
                     global_batch=8, engine="deepspeed").check(2)
+
+
+def test_deepspeed_config_from_flags_and_override(tmp_path):
+    import json
+
+    from megatron_llama.engines.deepspeed import deepspeed_config
+
+    cfg = TrainConfig(model=MODEL, seq_length=32, micro_batch=2, global_batch=16, dtype="bf16",
+                      clip_grad=0.5, lr=1e-3, adam_beta2=0.95, weight_decay=0.1,
+                      engine="deepspeed", zero_stage=3, offload_optimizer=True)
+    config = deepspeed_config(cfg, dp_size=2)
+    assert (config["train_batch_size"], config["train_micro_batch_size_per_gpu"],
+            config["gradient_accumulation_steps"]) == (16, 2, 4)
+    assert config["bf16"]["enabled"] and not config["fp16"]["enabled"]
+    assert config["gradient_clipping"] == 0.5
+    assert config["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"}}
+    opt = config["optimizer"]["params"]
+    assert (opt["lr"], opt["betas"], opt["weight_decay"], opt["torch_adam"]) == (1e-3, [0.9, 0.95], 0.1, False)
+    override = tmp_path / "ds.json"
+    override.write_text(json.dumps({"zero_optimization": {"overlap_comm": True},
+                                    "gradient_clipping": 2.0}))
+    cfg.deepspeed_config = str(override)
+    merged = deepspeed_config(cfg, dp_size=2)
+    assert merged["zero_optimization"]["overlap_comm"] and merged["zero_optimization"]["stage"] == 3
+    assert merged["gradient_clipping"] == 2.0
+    override.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        deepspeed_config(cfg, dp_size=2)
