@@ -27,6 +27,13 @@ What it adapts, and why (all only when ``torch.cuda.is_available()`` is False):
    i.e. True for ``fp8=False``, then calls Transformer Engine: fixed to ``bool(fp8)``.
 6. The RNG tracker warns "CPU RNG state changed within GPU RNG context" whenever it runs
    dropout or initialisation, because on CPU the two generators are one: silenced.
+7. glibc's malloc is told to keep freed memory (`keep_freed_cpu_memory`): by default every
+   allocation above 32 MB (the logits [s, b, vocab] and their gradient, the embedding and
+   output-layer weight gradients) is a fresh ``mmap`` that the kernel page-faults and zeroes
+   on first touch and ``munmap``s on free, step after step. At dim 512 / vocab 32000 / 2048
+   tokens that is ~60 ms per 262 MB logits tensor (the output GEMM ran at 80 % of the GEMM
+   rate because of it). Numerics are untouched; freed memory stays in the process (as with
+   torch's CUDA caching allocator). Opt out with ``MEGATRON_LLAMA_KEEP_FREED_MEMORY=0``.
 
 Call `enable_cpu_adapter()` before building models (`megatron_llama.parallel.initialize` and
 `megatron_llama.model.build_model` call it for you); it is idempotent. megatron-core modules
@@ -36,10 +43,13 @@ imported later (many are imported lazily) get the proxy too, through a small imp
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import functools
 import importlib
 import importlib.abc
 import logging
+import os
 import sys
 import types
 from typing import Any
@@ -270,6 +280,38 @@ def _swap_torch_in_loaded_modules() -> None:
             module.torch = _CPU_TORCH
 
 
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_malloc_tuned = False
+
+
+def keep_freed_cpu_memory() -> bool:
+    """Make glibc malloc reuse freed memory instead of mmap/munmap for large blocks.
+
+    ``M_MMAP_MAX = 0``: large blocks come from the heap, so a block freed by one step is
+    handed out again (already faulted in) in the next; ``M_TRIM_THRESHOLD`` = 2 GiB (the int maximum): the heap
+    top is not given back to the kernel after each step. Only on glibc; returns True if set.
+    Idempotent; ``MEGATRON_LLAMA_KEEP_FREED_MEMORY=0`` disables it.
+    """
+    global _malloc_tuned
+    if _malloc_tuned:
+        return True
+    if os.environ.get("MEGATRON_LLAMA_KEEP_FREED_MEMORY", "1") == "0":
+        return False
+    name = ctypes.util.find_library("c")
+    if not sys.platform.startswith("linux") or name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
+            return False  # musl and others: no glibc mallopt semantics
+        ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    except OSError:
+        return False
+    _malloc_tuned = ok
+    return ok
+
+
 def enable_cpu_adapter() -> bool:
     """Adapt megatron-core to a CPU-only host. Returns True if the adapter is active.
 
@@ -286,6 +328,7 @@ def enable_cpu_adapter() -> bool:
         _patch_rng()
         _patch_type_checks()
         torch.Tensor.cuda = lambda self, *args, **kwargs: self
+        keep_freed_cpu_memory()
         _enabled = True
     return True
 
