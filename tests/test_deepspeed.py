@@ -149,3 +149,14 @@ def test_deepspeed_config_from_flags_and_override(tmp_path):
     override.write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         deepspeed_config(cfg, dp_size=2)
+
+
+def test_megatron_engine_refuses_a_deepspeed_checkpoint(megatron_single, tmp_path):
+    from megatron_llama.training.loop import pretrain
+
+    (tmp_path / "iter_0000002").mkdir()
+    (tmp_path / "latest").write_text("iter_0000002")
+    cfg = TrainConfig(model=MODEL, seq_length=32, global_batch=2, train_steps=1,
+                      dtype="fp32", load_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="a DeepSpeed checkpoint; resume it with --engine deepspeed"):
+        pretrain(cfg)
