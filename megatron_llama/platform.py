@@ -34,6 +34,12 @@ What it adapts, and why (all only when ``torch.cuda.is_available()`` is False):
    tokens that is ~60 ms per 262 MB logits tensor (the output GEMM ran at 80 % of the GEMM
    rate because of it). Numerics are untouched; freed memory stays in the process (as with
    torch's CUDA caching allocator). Opt out with ``MEGATRON_LLAMA_KEEP_FREED_MEMORY=0``.
+8. `megatron_llama.cpu_fastpaths`: cheaper CPU replacements for megatron-core fallbacks
+   that a step profile showed to matter: bucket reduce-scatter / all-gather over a
+   data-parallel group of one rank are skipped (gloo copied every bucket onto itself), the
+   non-apex ``multi_tensor_scale`` of gradient clipping scales in place instead of
+   ``dst.copy_(src * scale)`` (both bitwise equal), and with TP=1 the vocab cross entropy
+   uses torch's fused softmax in place (two passes fewer than five; equal to rounding).
 
 Call `enable_cpu_adapter()` before building models (`megatron_llama.parallel.initialize` and
 `megatron_llama.model.build_model` call it for you); it is idempotent. megatron-core modules
@@ -329,6 +335,8 @@ def enable_cpu_adapter() -> bool:
         _patch_type_checks()
         torch.Tensor.cuda = lambda self, *args, **kwargs: self
         keep_freed_cpu_memory()
+        from megatron_llama.cpu_fastpaths import install_cpu_fastpaths
+        install_cpu_fastpaths()
         _enabled = True
     return True
 
