@@ -151,8 +151,8 @@ def add_benchmark_parser(subparsers) -> None:
     m = p.add_argument_group("model (a preset plus overrides)")
     m.add_argument("--preset", default="tiny", help="tiny, 7B, 13B, 33B or 65B (tiny)")
     m.add_argument("--dim", type=int, default=None, help="override the model width")
-    m.add_argument("--layers", type=int, default=None, help="override the number of layers")
-    m.add_argument("--heads", type=int, default=None, help="override the attention heads")
+    m.add_argument("--n-layers", "--layers", dest="layers", type=int, default=None, help="override the number of layers")
+    m.add_argument("--n-heads", "--heads", dest="heads", type=int, default=None, help="override the attention heads")
     m.add_argument("--kv-heads", type=int, default=None, help="grouped-query KV heads")
     m.add_argument("--vocab-size", type=int, default=None, help="override the vocabulary")
     m.add_argument("--multiple-of", type=int, default=None,
