@@ -163,7 +163,18 @@ def run_rank(bc: BenchConfig) -> dict:
                 if not torch.cuda.is_available():
                     dist.barrier()  # every rank multiplies at once, as they train at once
                     gemm.append(_gemm_window(bc.gemm_size))
+        ceiling = breakdown = None
+        if not torch.cuda.is_available():
+            from megatron_llama.gemm_ceiling import (measure_step_gemms, step_gemms,
+                                                     step_time_breakdown)
+
+            dist.barrier()  # all ranks at once, as in the steps
+            ceiling = measure_step_gemms(step_gemms(bc.model, bc.layout.tp, bc.micro_batch,
+                                                    bc.seq_length))["tflops"]
+            dist.barrier()
+            breakdown = step_time_breakdown(one_step)
         result = {"times": times, "hf_times": hf_times, "gemm": gemm, "loss": state["loss"],
+                  "gemm_model_shapes": ceiling, "breakdown": breakdown,
                   "hf_loss": hf_loss, "hf_version": hf.version if hf else None,
                   "threads": torch.get_num_threads(), "rank": dist.get_rank(),
                   "peak_rss": peak_rss_bytes()}
@@ -281,6 +292,16 @@ def summarize(bc: BenchConfig, per_rank: list[dict]) -> dict:
                                  "windows_rank0": per_rank[0]["gemm"],
                                  # PaLM model FLOP/s over the typical (median) GEMM rate
                                  "palm_fraction_of_median": tflops["palm"] / median}
+        shapes = [r["gemm_model_shapes"] for r in per_rank if r.get("gemm_model_shapes")]
+        if shapes:
+            # the same model's GEMMs alone (gemm_ceiling.py): the rate a step with no
+            # overhead at all would reach on this CPU
+            ceiling = statistics.fmean(shapes)
+            report["gemm_tflops"].update({
+                "model_shapes": ceiling, "model_shapes_fraction_of_median": ceiling / median,
+                "palm_fraction_of_model_shapes": tflops["palm"] / ceiling})
+    if per_rank[0].get("breakdown"):
+        report["time_breakdown_rank0"] = _breakdown(bc, per_rank[0]["breakdown"])
     if "static_bytes" in per_rank[0]:
         peak_bytes = [r["static_bytes"] + r["step_peak_bytes"] for r in per_rank]
         report["memory"] = {
@@ -306,6 +327,20 @@ def summarize(bc: BenchConfig, per_rank: list[dict]) -> dict:
             "mfu_palm": tokens_per_step / hf_step["mean"] * flops["palm"] / 1e12 / peak
             if peak else None}
     return report
+
+
+def _breakdown(bc: BenchConfig, breakdown: dict) -> dict:
+    """Rank 0's profiled step by kind, with the GEMM rate inside the step where it is known."""
+    from megatron_llama.gemm_ceiling import step_gemms
+
+    out = dict(breakdown)
+    gemm_s = breakdown["self_s"]["GEMMs"]
+    if bc.layout.pp == 1 and bc.recompute == "none" and gemm_s > 0:
+        microbatches = bc.batch // (bc.micro_batch * bc.dp)
+        flops = sum(g.flops for g in step_gemms(bc.model, bc.layout.tp, bc.micro_batch,
+                                                 bc.seq_length, microbatches))
+        out["gemm_tflops_in_step"] = flops / gemm_s / 1e12
+    return out
 
 
 def format_report(r: dict) -> str:
@@ -338,6 +373,19 @@ def format_report(r: dict) -> str:
         lines.append(f"GEMM     best {g['best'] * 1e3:.1f} GFLOP/s, median {g['median'] * 1e3:.1f} "
                      f"GFLOP/s per rank (CPU, measured in this run); model FLOP/s (PaLM) = "
                      f"{100 * g['palm_fraction_of_median']:.0f}% of the median")
+        if "model_shapes" in g:
+            lines.append(f"GEMMs    this model's own GEMMs alone (fwd, input and weight grad of "
+                         f"every linear layer): {g['model_shapes'] * 1e3:.1f} GFLOP/s = "
+                         f"{100 * g['model_shapes_fraction_of_median']:.0f}% of the median above;"
+                         f" model FLOP/s (PaLM) = {100 * g['palm_fraction_of_model_shapes']:.0f}%"
+                         f" of it")
+    if "time_breakdown_rank0" in r:
+        b = r["time_breakdown_rank0"]
+        parts = [f"{kind} {sec:.3f} s" + (f" ({b['gemm_tflops_in_step'] * 1e3:.0f} GFLOP/s)"
+                                          if kind == "GEMMs" and "gemm_tflops_in_step" in b
+                                          else "") for kind, sec in b["self_s"].items()]
+        lines.append(f"time     one profiled step on rank 0 ({b['wall_s']:.3f} s, CPU self time "
+                     f"by kind): {', '.join(parts)}")
     lines.append(f"FLOPs    PaLM: {PALM_FORMULA}; megatron: {MEGATRON_FORMULA}")
     if "memory" in r:
         mem = r["memory"]

@@ -59,7 +59,19 @@ def test_benchmark_report_mfu_memory_and_transformers(megatron_single, tmp_path)
     assert hf["tokens_per_s"] > 0 and 7 < hf["loss"] < 10  # ln(4096) = 8.3 at the start
     assert hf["ratio_ours_over_transformers"] == pytest.approx(r["tokens_per_s"] / hf["tokens_per_s"])
     assert 7 < r["loss"] < 10
-    assert "ours / transformers" in format_report(r)
+    text = format_report(r)
+    assert "ours / transformers" in text and "this model's own GEMMs alone" in text
+    # the model's GEMMs timed alone, and one profiled step split by kind
+    g = r["gemm_tflops"]
+    assert g["model_shapes"] > 0
+    assert g["palm_fraction_of_model_shapes"] == pytest.approx(r["tflops_per_gpu"]["palm"] /
+                                                               g["model_shapes"])
+    b = r["time_breakdown_rank0"]
+    assert set(b["self_s"]) == {"GEMMs", "attention", "optimizer", "communication", "other"}
+    assert b["self_s"]["GEMMs"] > 0 and b["self_s"]["attention"] > 0
+    assert b["self_s"]["optimizer"] > 0 and b["gemm_tflops_in_step"] > 0
+    # self times partition the profiled step (one thread runs forward, backward, optimizer)
+    assert 0.5 * b["wall_s"] < sum(b["self_s"].values()) <= 1.05 * b["wall_s"]
     measured = r["memory"]["peak_tensor_gb_per_rank"][0] * 1e9
     assert measured == pytest.approx(_predicted(r, "none"), rel=MEMORY_TOLERANCE)
     # static part: 4 + 4 (fp32 grad buffer) + 8 (Adam) bytes per parameter (+ 4-byte steps)
@@ -93,3 +105,33 @@ def test_benchmark_refuses_illegal_layouts():
     assert main(["benchmark", "--preset", "tiny", "--tp", "3"]) == 2        # 4 heads
     assert main(["benchmark", "--preset", "tiny", "--sp"]) == 2             # SP needs TP
     assert main(["benchmark", "--preset", "tiny", "--tp", "2", "--compare-hf"]) == 2
+
+
+def test_step_gemms_count_every_weight_flop_exactly():
+    """6 x (matmul parameters) x tokens: every weight multiplied forward, by the input
+    gradient and by the weight gradient; TP shards the shapes, GQA shrinks K and V."""
+    from megatron_llama.gemm_ceiling import step_gemms
+
+    gqa = LlamaConfig(dim=256, n_layers=3, n_heads=8, n_kv_heads=2, vocab_size=4096,
+                      multiple_of=32, max_seq_len=256)
+    for cfg in (CFG, gqa):
+        # matmul weights = parameters without input embedding, without the norms' weights
+        weights = cfg.num_params(include_embedding=False) - (2 * cfg.n_layers + 1) * cfg.dim
+        tokens = MICRO * SEQ
+        full = step_gemms(cfg, tp=1, micro_batch=MICRO, seq_length=SEQ, microbatches=3)
+        assert sum(g.flops for g in full) == 6 * weights * tokens * 3
+        tp2 = step_gemms(cfg, tp=2, micro_batch=MICRO, seq_length=SEQ, microbatches=3)
+        assert 2 * sum(g.flops for g in tp2) == sum(g.flops for g in full)
+        assert {g.layout for g in full} == {"NT", "NN", "TN"}
+    qkv = step_gemms(gqa, tp=1, micro_batch=1, seq_length=8)[0]
+    assert (qkv.m, qkv.k, qkv.n) == (8, 256, (8 + 2 * 2) * 32)
+
+
+def test_measured_gemm_rate_is_flops_over_time():
+    from megatron_llama.gemm_ceiling import Gemm, measure_step_gemms
+
+    gemms = [Gemm("a", 64, 32, 48, layout, count) for layout, count in
+             (("NT", 2), ("NN", 1), ("TN", 3))]
+    m = measure_step_gemms(gemms, repeats=2)
+    assert m["tflops"] == pytest.approx(sum(g.flops for g in gemms) / m["seconds"] / 1e12)
+    assert [p["layout"] for p in m["per_gemm"]] == ["NT", "NN", "TN"]
