@@ -63,7 +63,8 @@ def _csv_row(label: str, report: Optional[dict], error: str = "") -> dict:
 
 def run_sweep(args: argparse.Namespace) -> list[dict]:
     """Benchmark every combination of the --sweep-* lists; illegal ones are listed, skipped."""
-    from megatron_llama.benchmark import format_report, run_benchmark
+    from megatron_llama.benchmark import run_benchmark
+    from megatron_llama.benchmark_report import format_report
 
     rows = []
     for tp, pp, rc, mb in itertools.product(args.sweep_tp, args.sweep_pp, args.sweep_recompute,
@@ -120,7 +121,8 @@ def write_chart(rows: list[dict], path: str, title: str) -> str:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from megatron_llama.benchmark import format_report, run_benchmark, write_json
+    from megatron_llama.benchmark import run_benchmark
+    from megatron_llama.benchmark_report import format_report, write_json
 
     if args.sweep:
         rows = run_sweep(args)

@@ -16,7 +16,10 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:  # annotation only: parallel imports config
+    from megatron_llama.parallel import ParallelLayout
 
 # Megatron pads the vocabulary to a multiple of (divisible_by * TP). 32 keeps LLaMA's 32000
 # unpadded for every TP up to 8 (32000 = 125 * 256), so padded rows never enter the softmax.

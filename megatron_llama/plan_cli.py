@@ -18,17 +18,26 @@ def _tokens(n: float) -> str:
     return f"{n:,.0f}"
 
 
-def _row(c) -> str:
+def _row(c, unit: float) -> str:
     mem, tm = c.memory, c.time
-    return (f"{c.layout.describe():<50}{mem.weights / GB:>7.1f}{mem.gradients / GB:>7.1f}"
-            f"{mem.optimizer / GB:>7.1f}{mem.activations / GB:>7.1f}{mem.transient / GB:>7.1f}"
-            f"{mem.total / GB:>8.1f}{'' if c.fits else '!':<2}"
-            f"{(tm.comm_bytes['tp'] + tm.comm_bytes['dp'] + tm.comm_bytes['pp']) / GB:>8.1f}"
-            f"{tm.total:>8.2f}{c.tokens_per_s_per_gpu:>9.0f}{100 * c.mfu:>6.1f}%")
+    comm = tm.comm_bytes["tp"] + tm.comm_bytes["dp"] + tm.comm_bytes["pp"]
+    step = f"{tm.total:>8.2f}" if tm.total >= 0.01 else f"{tm.total:>8.1e}"
+    return (f"{c.layout.describe():<50}{mem.weights / unit:>7.1f}{mem.gradients / unit:>7.1f}"
+            f"{mem.optimizer / unit:>7.1f}{mem.activations / unit:>7.1f}"
+            f"{mem.transient / unit:>7.1f}{mem.total / unit:>8.1f}{'' if c.fits else '!':<2}"
+            f"{comm / unit:>8.1f}{step}{c.tokens_per_s_per_gpu:>9.0f}{100 * c.mfu:>6.1f}%")
+
+
+def _hours(h: float) -> str:
+    """GPU-hours: whole hours for real runs, three significant digits for tiny ones."""
+    return f"{h:>14,.0f}" if h >= 100 else f"{h:>14.3g}"
 
 
 def format_plan(args, preset, gpu, cands, chosen, rates) -> str:
     m = preset.model
+    shown = cands[:args.top]
+    # memory and traffic in GB for real models, MB when every shown layout is under 1 GB
+    unit, uname = (GB, "GB") if max(c.memory.total for c in shown) >= GB else (1e6, "MB")
     lines = [f"plan: {preset.name} ({m.num_params():,} parameters) on {args.gpus} x {gpu.name} "
              f"({gpu.peak_tflops:.0f} TFLOP/s bf16, {gpu.memory_gb:.0f} GB), seq "
              f"{args.seq_length}, global batch {args.global_batch} sequences "
@@ -38,20 +47,21 @@ def format_plan(args, preset, gpu, cands, chosen, rates) -> str:
              f"(limit {gpu.memory_gb - args.reserve_gb:.0f} GB); best {args.top} by predicted "
              "tokens/s/GPU ('!' = does not fit):",
              f"{'layout':<50}{'wts':>7}{'grads':>7}{'optim':>7}{'acts':>7}{'trans':>7}"
-             f"{'GB':>8}{'':<2}{'comm GB':>8}{'step s':>8}{'tok/s':>9}{'MFU':>7}"]
-    lines += [_row(c) for c in cands[:args.top]]
+             f"{uname:>8}{'':<2}{'comm ' + uname:>8}{'step s':>8}{'tok/s':>9}{'MFU':>7}"]
+    lines += [_row(c, unit) for c in shown]
     t = chosen.time
-    lines.append(f"chosen {chosen.layout.describe()}: compute {t.compute:.2f} s, bubble "
-                 f"{t.bubble:.2f} s, TP comm {t.tp_comm:.2f} s, exposed DP comm "
-                 f"{t.dp_comm:.2f} s, PP comm {t.pp_comm:.2f} s per step; per GPU per step "
-                 f"TP {t.comm_bytes['tp'] / GB:.1f} GB, DP {t.comm_bytes['dp'] / GB:.1f} GB, "
-                 f"PP {t.comm_bytes['pp'] / GB:.2f} GB")
+    lines.append(f"chosen {chosen.layout.describe()}: compute {t.compute:.3g} s, bubble "
+                 f"{t.bubble:.2g} s, TP comm {t.tp_comm:.2g} s, exposed DP comm "
+                 f"{t.dp_comm:.2g} s, PP comm {t.pp_comm:.2g} s per step; per GPU per step "
+                 f"TP {t.comm_bytes['tp'] / unit:.1f} {uname}, DP {t.comm_bytes['dp'] / unit:.1f} "
+                 f"{uname}, PP {t.comm_bytes['pp'] / unit:.2f} {uname}")
     lines.append(f"budget: {_tokens(preset.train_tokens)} tokens (the preset's), "
                  f"{gpu.power_w:.0f} W per GPU, PUE 1.1, 0.385 tCO2eq/MWh (paper, Table 15)")
     lines.append(f"{'tokens/s/GPU':<28}{'days':>8}{'GPU-hours':>14}{'MWh':>9}{'tCO2eq':>9}")
     for label, b in rates:
-        lines.append(f"{label:<28}{b['days']:>8.1f}{b['gpu_hours']:>14,.0f}{b['mwh']:>9.0f}"
-                     f"{b['tco2eq']:>9.0f}")
+        small = b["gpu_hours"] < 100
+        lines.append(f"{label:<28}{b['days']:>8.1f}{_hours(b['gpu_hours'])}"
+                     f"{b['mwh']:>9.{'3g' if small else '0f'}}{b['tco2eq']:>9.{'3g' if small else '0f'}}")
     if preset.paper_gpu_hours:
         lines.append(f"paper (Table 15): {preset.paper_gpu_hours:,} GPU-hours")
     return "\n".join(lines)

@@ -38,7 +38,8 @@ def _predicted(report, rc, tp=1, sp=False, pp=1):
 
 
 def test_benchmark_report_mfu_memory_and_transformers(megatron_single, tmp_path):
-    from megatron_llama.benchmark import format_report, run_benchmark, write_json
+    from megatron_llama.benchmark import run_benchmark
+    from megatron_llama.benchmark_report import format_report, write_json
 
     report = run_benchmark(_bench(compare_hf=True))
     write_json(report, str(tmp_path / "b.json"))
