@@ -51,6 +51,9 @@ def format_report(r: dict) -> str:
                                           else "") for kind, sec in b["self_s"].items()]
         lines.append(f"time     one profiled step on rank 0 ({b['wall_s']:.3f} s, CPU self time "
                      f"by kind): {', '.join(parts)}")
+        if b.get("top_other_s"):
+            lines.append("         most of other: " + ", ".join(
+                f"{op} {sec:.3f} s" for op, sec in b["top_other_s"].items()))
     lines.append(f"FLOPs    PaLM: {PALM_FORMULA}; megatron: {MEGATRON_FORMULA}")
     if "memory" in r:
         mem = r["memory"]

@@ -122,23 +122,28 @@ def _kind(name: str) -> str:
     return next((kind for kind, key in _KINDS if key in name), "other")
 
 
-def step_time_breakdown(step) -> dict:
+def step_time_breakdown(step, top_other: int = 5) -> dict:
     """Run ``step()`` once under torch's CPU profiler; seconds of self time by kind.
 
     Kinds: GEMMs (mm/addmm/bmm), attention (SDPA kernels and their backward), optimizer
     (fused AdamW / foreach), communication (c10d collectives), other (everything else:
     norms, SwiGLU, RoPE, softmax/cross entropy, copies, gradient-buffer zeroing, Python).
-    Profiling slows small ops a little, so "other" errs high. CPU only.
+    Profiling slows small ops a little, so "other" errs high. ``top_other_s`` names the
+    ``top_other`` ops that cost most inside "other". CPU only.
     """
-    from torch.profiler import ProfilerActivity, profile
+    from megatron_llama.memtrace import profiled
 
     start = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step()
+    prof = profiled(step)
     wall = time.perf_counter() - start
     seconds = dict.fromkeys(("GEMMs", "attention", "optimizer", "communication", "other"), 0.0)
+    other: dict[str, float] = {}
     for event in prof.key_averages():
         if event.key.startswith("ProfilerStep") or event.key.startswith("##"):
             continue
-        seconds[_kind(event.key)] += event.self_cpu_time_total / 1e6
-    return {"wall_s": wall, "self_s": seconds}
+        kind, sec = _kind(event.key), event.self_cpu_time_total / 1e6
+        seconds[kind] += sec
+        if kind == "other":
+            other[event.key] = sec
+    top = sorted(other.items(), key=lambda kv: -kv[1])[:top_other]
+    return {"wall_s": wall, "self_s": seconds, "top_other_s": dict(top)}

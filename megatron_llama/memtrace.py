@@ -16,8 +16,45 @@ Two numbers per rank, because they answer different questions:
 
 from __future__ import annotations
 
+import contextlib
+import os
 import resource
-from typing import Callable, Iterable
+import sys
+from typing import Callable, Iterable, Iterator
+
+
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null (torch 2.13's profiler prints a 'USDT: ...
+    profiler_start/stop' line from C++ at each start and stop, with no switch to turn it off)."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def profiled(step: Callable[[], object], **profile_kwargs):
+    """Run ``step()`` under torch's CPU profiler and return the profiler.
+
+    Only the profiler's start and stop are silenced: anything ``step`` prints, errors
+    included, still reaches stderr.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU], **profile_kwargs)
+    with _stderr_silenced():
+        prof.start()
+    try:
+        step()
+    finally:
+        with _stderr_silenced():
+            prof.stop()
+    return prof
 
 
 def peak_rss_bytes() -> int:
@@ -93,10 +130,8 @@ def step_peak_bytes(step: Callable[[], None]) -> int:
         return torch.cuda.max_memory_allocated() - base
 
     from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
+    prof = profiled(step, profile_memory=True)
     events: list[tuple[int, int]] = []
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:

@@ -73,6 +73,10 @@ def test_benchmark_report_mfu_memory_and_transformers(megatron_single, tmp_path)
     assert b["self_s"]["optimizer"] > 0 and b["gemm_tflops_in_step"] > 0
     # self times partition the profiled step (one thread runs forward, backward, optimizer)
     assert 0.5 * b["wall_s"] < sum(b["self_s"].values()) <= 1.05 * b["wall_s"]
+    top = list(b["top_other_s"].values())
+    assert len(top) == 5 and top == sorted(top, reverse=True)
+    assert sum(top) <= b["self_s"]["other"] + 1e-9
+    assert "most of other:" in text
     measured = r["memory"]["peak_tensor_gb_per_rank"][0] * 1e9
     assert measured == pytest.approx(_predicted(r, "none"), rel=MEMORY_TOLERANCE)
     # static part: 4 + 4 (fp32 grad buffer) + 8 (Adam) bytes per parameter (+ 4-byte steps)
