@@ -67,8 +67,9 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
     from megatron_llama.benchmark_report import format_report
 
     rows = []
+    micro_batches = args.sweep_micro_batch or [args.micro_batch]
     for tp, pp, rc, mb in itertools.product(args.sweep_tp, args.sweep_pp, args.sweep_recompute,
-                                            args.sweep_micro_batch):
+                                            micro_batches):
         sp = args.sp and tp > 1
         label = f"TP{tp}{'+SP' if sp else ''} PP{pp} {rc} mb{mb}"
         try:
@@ -89,10 +90,13 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
 
 
 def write_csv(rows: list[dict], path: str) -> str:
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    """The sweep as CSV, written whole or not at all (temporary file, then rename)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
+    os.replace(tmp, path)
     return path
 
 
@@ -122,10 +126,11 @@ def write_chart(rows: list[dict], path: str, title: str) -> str:
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from megatron_llama.benchmark import run_benchmark
-    from megatron_llama.benchmark_report import format_report, write_json
+    from megatron_llama.benchmark_report import format_report, format_sweep, write_json
 
     if args.sweep:
         rows = run_sweep(args)
+        print(format_sweep(rows))
         os.makedirs(args.output, exist_ok=True)
         csv_path = write_csv(rows, os.path.join(args.output, "sweep.csv"))
         seq = args.seq_length or get_preset(args.preset).model.max_seq_len
@@ -199,8 +204,8 @@ def add_benchmark_parser(subparsers) -> None:
     sw.add_argument("--sweep-pp", type=int, nargs="+", default=[1, 2], help="PP values (1 2)")
     sw.add_argument("--sweep-recompute", nargs="+", default=["none", "full"],
                     choices=("none", "selective", "full"), help="recompute values (none full)")
-    sw.add_argument("--sweep-micro-batch", type=int, nargs="+", default=[4],
-                    help="micro batch values (4)")
+    sw.add_argument("--sweep-micro-batch", type=int, nargs="+", default=None,
+                    help="micro batch values (default: --micro-batch)")
     sw.add_argument("--max-procs", type=int, default=os.cpu_count(),
                     help="skip sweep points needing more local processes than this "
                          "(default: the number of cores)")

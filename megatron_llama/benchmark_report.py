@@ -73,6 +73,20 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def format_sweep(rows: list[dict]) -> str:
+    """One line per sweep point (the CSV rows of `benchmark_cli`), skipped points with why."""
+    lines = [f"{'layout':<22}{'ranks':>6}{'tok/s/rank':>12}{'MFU PaLM':>10}{'MFU mcore':>10}"
+             f"{'median s':>10}{'peak tensor GB':>16}"]
+    for r in rows:
+        if r["error"]:
+            lines.append(f"{r['label']:<22} skipped: {r['error']}")
+            continue
+        lines.append(f"{r['label']:<22}{r['world']:>6}{r['tokens_per_s_per_gpu']:>12,.0f}"
+                     f"{100 * r['mfu_palm']:>9.1f}%{100 * r['mfu_megatron_causal']:>9.1f}%"
+                     f"{r['step_median_s']:>10.3f}{r['peak_tensor_gb_max']:>16.3f}")
+    return "\n".join(lines)
+
+
 def write_json(report: dict, path: str) -> str:
     """Write ``report`` to ``path`` whole or not at all (temporary file, then rename)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

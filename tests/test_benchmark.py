@@ -140,3 +140,31 @@ def test_measured_gemm_rate_is_flops_over_time():
     m = measure_step_gemms(gemms, repeats=2)
     assert m["tflops"] == pytest.approx(sum(g.flops for g in gemms) / m["seconds"] / 1e12)
     assert [p["layout"] for p in m["per_gemm"]] == ["NT", "NN", "TN"]
+
+
+def test_sweep_writes_csv_chart_and_table(megatron_single, tmp_path, capsys):
+    """`--sweep`: every point in the CSV (skipped ones with the reason), a PNG, a summary."""
+    import csv
+
+    from megatron_llama.cli import main
+
+    out = tmp_path / "sweep"
+    assert main(["benchmark", "--preset", "tiny", "--dim", "128", "--n-layers", "2",
+                 "--n-heads", "2", "--vocab-size", "1024", "--seq-length", "64",
+                 "--micro-batch", "2", "--warmup", "1", "--iters", "1", "--sweep",
+                 "--sweep-tp", "1", "2", "--sweep-pp", "1", "--sweep-recompute", "none", "full",
+                 "--max-procs", "1", "--output", str(out)]) == 0
+    rows = list(csv.DictReader((out / "sweep.csv").open()))
+    assert [r["label"] for r in rows] == ["TP1 PP1 none mb2", "TP1 PP1 full mb2",
+                                          "TP2 PP1 none mb2", "TP2 PP1 full mb2"]
+    ran, skipped = rows[:2], rows[2:]
+    assert all(float(r["tokens_per_s_per_gpu"]) > 0 and not r["error"] for r in ran)
+    assert [r["recompute"] for r in ran] == ["none", "full"]
+    # full recompute keeps only layer inputs: less peak memory than none
+    assert float(ran[1]["peak_tensor_gb_max"]) < float(ran[0]["peak_tensor_gb_max"])
+    assert all("needs 2 processes > --max-procs 1" in r["error"] for r in skipped)
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = capsys.readouterr().out
+    table = text[text.index("tok/s/rank"):].splitlines()
+    assert table[1].startswith("TP1 PP1 none mb2") and table[1].split()[4] == "1"  # ranks
+    assert table[4].startswith("TP2 PP1 full mb2") and "skipped: needs 2 processes" in table[4]
