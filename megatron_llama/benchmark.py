@@ -118,7 +118,7 @@ def run_rank(bc: BenchConfig) -> dict:
                           overlap_grad_reduce=True)
         optimizer = build_optimizer(chunks, cfg)
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        steps = bc.warmup + bc.iters + 1
+        steps = bc.warmup + bc.iters + 2  # + the profiled step and the memory step
         data = TrainData(SyntheticTokens(bc.model.vocab_size, bc.seq_length, steps * bc.batch,
                                          bc.seed), None, bc.batch, bc.micro_batch, dp, dp_rank)
         hf = None
@@ -162,6 +162,8 @@ def run_rank(bc: BenchConfig) -> dict:
                 if not torch.cuda.is_available():
                     dist.barrier()  # every rank multiplies at once, as they train at once
                     gemm.append(_gemm_window(bc.gemm_size))
+        # the timed steps' loss and RSS, before the extra untimed steps and GEMMs below
+        loss, peak_rss = state["loss"], peak_rss_bytes()
         ceiling = breakdown = None
         if not torch.cuda.is_available():
             from megatron_llama.gemm_ceiling import (measure_step_gemms, step_gemms,
@@ -172,11 +174,11 @@ def run_rank(bc: BenchConfig) -> dict:
                                                     bc.seq_length))["tflops"]
             dist.barrier()
             breakdown = step_time_breakdown(one_step)
-        result = {"times": times, "hf_times": hf_times, "gemm": gemm, "loss": state["loss"],
+        result = {"times": times, "hf_times": hf_times, "gemm": gemm, "loss": loss,
                   "gemm_model_shapes": ceiling, "breakdown": breakdown,
                   "hf_loss": hf_loss, "hf_version": hf.version if hf else None,
                   "threads": torch.get_num_threads(), "rank": dist.get_rank(),
-                  "peak_rss": peak_rss_bytes()}
+                  "peak_rss": peak_rss}
         if hf is not None:
             del hf  # its memory must not count in ours
         if bc.measure_memory:

@@ -130,9 +130,9 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
     if args.sweep:
         rows = run_sweep(args)
-        print(format_sweep(rows))
         os.makedirs(args.output, exist_ok=True)
         csv_path = write_csv(rows, os.path.join(args.output, "sweep.csv"))
+        print(format_sweep(rows))
         seq = args.seq_length or get_preset(args.preset).model.max_seq_len
         title = f"{args.preset} sweep, seq {seq}, CPU ({os.cpu_count()} cores)"
         png = write_chart(rows, os.path.join(args.output, "sweep.png"), title) \
@@ -195,7 +195,8 @@ def add_benchmark_parser(subparsers) -> None:
                      help="use megatron-core's SwiGLU fusion, compiled by torch.compile "
                           "(inductor; on CPU needs a C++ compiler, compiles during warmup)")
     run.add_argument("--no-memory", action="store_true",
-                     help="skip the extra profiled step that measures peak tensor memory")
+                     help="skip the extra profiled step that measures peak tensor memory "
+                          "(on CPU the GEMM ceiling and the time breakdown still run)")
     run.add_argument("--output", default="benchmark_out",
                      help="directory for benchmark.json, sweep.csv, sweep.png (benchmark_out)")
     sw = p.add_argument_group("sweep (--sweep: every combination, one benchmark each)")

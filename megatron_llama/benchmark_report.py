@@ -77,13 +77,20 @@ def format_sweep(rows: list[dict]) -> str:
     """One line per sweep point (the CSV rows of `benchmark_cli`), skipped points with why."""
     lines = [f"{'layout':<22}{'ranks':>6}{'tok/s/rank':>12}{'MFU PaLM':>10}{'MFU mcore':>10}"
              f"{'median s':>10}{'peak tensor GB':>16}"]
+    def num(value, spec: str, width: int, scale: float = 1.0, suffix: str = "") -> str:
+        # "-" where the run had no such number (no known peak, --no-memory)
+        if value in ("", None):
+            return f"{'-':>{width}}"
+        return f"{format(scale * value, spec) + suffix:>{width}}"
+
     for r in rows:
         if r["error"]:
             lines.append(f"{r['label']:<22} skipped: {r['error']}")
             continue
         lines.append(f"{r['label']:<22}{r['world']:>6}{r['tokens_per_s_per_gpu']:>12,.0f}"
-                     f"{100 * r['mfu_palm']:>9.1f}%{100 * r['mfu_megatron_causal']:>9.1f}%"
-                     f"{r['step_median_s']:>10.3f}{r['peak_tensor_gb_max']:>16.3f}")
+                     f"{num(r['mfu_palm'], '.1f', 10, 100, '%')}"
+                     f"{num(r['mfu_megatron_causal'], '.1f', 10, 100, '%')}"
+                     f"{r['step_median_s']:>10.3f}{num(r['peak_tensor_gb_max'], '.3f', 16)}")
     return "\n".join(lines)
 
 
@@ -91,7 +98,11 @@ def write_json(report: dict, path: str) -> str:
     """Write ``report`` to ``path`` whole or not at all (temporary file, then rename)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return path

@@ -10,7 +10,8 @@ times exactly these GEMMs alone, with nothing else running in the process: their
 the ceiling a perfect step of this model could reach on this CPU.
 
 `step_gemms` is pure shape arithmetic (tested: its FLOPs are exactly 6 x the matmul
-parameters x tokens); `measure_step_gemms` times them.
+parameters x tokens, the output layer counted over the padded vocabulary); `measure_step_gemms`
+times them. With PP > 1 every rank times the whole model's mix: a rate, not a stage's time.
 """
 
 from __future__ import annotations
@@ -110,8 +111,10 @@ def measure_step_gemms(gemms: list[Gemm], repeats: int = 3) -> dict:
 
 
 # what an op is, for `step_time_breakdown`: GEMMs by exact name, the rest by substring
-_GEMM_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm"}
-_KINDS = (("attention", "scaled_dot_product"), ("optimizer", "aten::_fused_adam"),
+# (batched products only appear in attention: QK^T and PV when it runs unfused)
+_GEMM_OPS = {"aten::mm", "aten::addmm", "aten::addmm_"}
+_KINDS = (("attention", "scaled_dot_product"), ("attention", "aten::bmm"),
+          ("attention", "aten::baddbmm"), ("optimizer", "aten::_fused_adam"),
           ("optimizer", "aten::_foreach_"), ("communication", "c10d::"),
           ("communication", "gloo:"), ("communication", "record_param_comms"))
 
@@ -125,7 +128,8 @@ def _kind(name: str) -> str:
 def step_time_breakdown(step, top_other: int = 5) -> dict:
     """Run ``step()`` once under torch's CPU profiler; seconds of self time by kind.
 
-    Kinds: GEMMs (mm/addmm/bmm), attention (SDPA kernels and their backward), optimizer
+    Kinds: GEMMs (mm/addmm), attention (SDPA kernels and their backward, or bmm/baddbmm when
+    attention runs unfused), optimizer
     (fused AdamW / foreach), communication (c10d collectives), other (everything else:
     norms, SwiGLU, RoPE, softmax/cross entropy, copies, gradient-buffer zeroing, Python).
     Profiling slows small ops a little, so "other" errs high. ``top_other_s`` names the

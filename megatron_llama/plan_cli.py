@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 
+from megatron_llama.benchmark_report import write_json
 from megatron_llama.config import ConfigError
 from megatron_llama.planner import DEFAULT_EFFICIENCY, GB, GPUS, budget, evaluate, plan, resolve
 
@@ -71,6 +71,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     preset, gpu = resolve(args.preset, args.gpu)
     if args.gpus < 1:
         raise ConfigError("--gpus must be positive")
+    if args.top < 1:
+        raise ConfigError("--top must be at least 1")
+    if not 0 < args.efficiency <= 1:
+        raise ConfigError(f"--efficiency must be in (0, 1], not {args.efficiency}")
     args.seq_length = args.seq_length or preset.model.max_seq_len
     args.global_batch = args.global_batch or max(1, preset.batch_tokens // args.seq_length)
     if args.layout:
@@ -100,8 +104,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                    "step_s": c.time.total, "tokens_per_s_per_gpu": c.tokens_per_s_per_gpu,
                    "mfu": c.mfu, "fits": c.fits} for c in cands[:args.top]],
                "budgets": [dict(label=label, **b) for label, b in rates]}
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(out, f, indent=2)
+        print(f"wrote {write_json(out, args.json)}")
     return 0
 
 

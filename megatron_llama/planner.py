@@ -80,6 +80,13 @@ class PlanLayout:
     def gpus(self) -> int:
         return self.tp * self.pp * self.dp
 
+    def __post_init__(self) -> None:
+        if self.recompute not in ("none", "selective", "full"):
+            raise ConfigError(f"recompute must be none, selective or full, not {self.recompute!r}")
+        for name in ("tp", "pp", "dp", "micro_batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
+
     def parallel(self) -> ParallelLayout:
         return ParallelLayout(tp=self.tp, pp=self.pp, vp=self.vp, sp=self.sp)
 

@@ -128,8 +128,20 @@ def test_step_gemms_count_every_weight_flop_exactly():
         tp2 = step_gemms(cfg, tp=2, micro_batch=MICRO, seq_length=SEQ, microbatches=3)
         assert 2 * sum(g.flops for g in tp2) == sum(g.flops for g in full)
         assert {g.layout for g in full} == {"NT", "NN", "TN"}
-    qkv = step_gemms(gqa, tp=1, micro_batch=1, seq_length=8)[0]
-    assert (qkv.m, qkv.k, qkv.n) == (8, 256, (8 + 2 * 2) * 32)
+    # the three products of the QKV projection: forward, input grad, weight grad
+    fwd, dgrad, wgrad = step_gemms(gqa, tp=1, micro_batch=1, seq_length=8)[:3]
+    n_qkv = (8 + 2 * 2) * 32
+    assert [(g.m, g.k, g.n, g.layout) for g in (fwd, dgrad, wgrad)] == [
+        (8, 256, n_qkv, "NT"), (8, n_qkv, 256, "NN"), (n_qkv, 8, 256, "TN")]
+    # a vocabulary that megatron-core pads (4001 -> 4032 at TP=1, 4032 at TP=2): the output
+    # layer multiplies the padded rows too
+    odd = LlamaConfig(dim=128, n_layers=1, n_heads=2, vocab_size=4001, multiple_of=32,
+                      max_seq_len=64)
+    weights = odd.num_params(include_embedding=False) - 3 * odd.dim
+    out = [g for g in step_gemms(odd, tp=2, micro_batch=1, seq_length=64) if "output" in g.name]
+    assert {g.n if g.layout == "NT" else g.m if g.layout == "TN" else g.k for g in out} == {2016}
+    assert sum(g.flops for g in step_gemms(odd, tp=1, micro_batch=1, seq_length=64)) == \
+        6 * 64 * (weights + (4032 - 4001) * 128)
 
 
 def test_measured_gemm_rate_is_flops_over_time():
@@ -140,6 +152,18 @@ def test_measured_gemm_rate_is_flops_over_time():
     m = measure_step_gemms(gemms, repeats=2)
     assert m["tflops"] == pytest.approx(sum(g.flops for g in gemms) / m["seconds"] / 1e12)
     assert [p["layout"] for p in m["per_gemm"]] == ["NT", "NN", "TN"]
+
+
+def test_gemm_operands_are_stored_as_megatron_core_multiplies():
+    """NT: the weight is read transposed (x @ W.t()); NN: both as stored (g @ W); TN: the
+    gradient transposed (g.t() @ x). Shapes [m, k] x [k, n] in every layout."""
+    from megatron_llama.gemm_ceiling import Gemm, _operands
+
+    for layout, a_contig, b_contig in (("NT", True, False), ("NN", True, True),
+                                       ("TN", False, True)):
+        a, b, out = _operands(Gemm("g", 6, 4, 5, layout, 1))
+        assert (a.shape, b.shape, out.shape) == ((6, 4), (4, 5), (6, 5))
+        assert (a.is_contiguous(), b.is_contiguous()) == (a_contig, b_contig), layout
 
 
 def test_sweep_writes_csv_chart_and_table(megatron_single, tmp_path, capsys):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from megatron_llama.config import PRESETS, ConfigError, LlamaConfig
@@ -105,6 +107,26 @@ def test_plan_command_prints_budget(capsys):
                  "--tokens-per-gpu-s", "380", "--top", "3"]) == 0
     out = capsys.readouterr().out
     assert "1,023,392" in out and "paper (Table 15): 1,022,362" in out
+
+
+def test_plan_json_and_bad_flags(tmp_path, capsys):
+    """--json lands whole (directories made); bad flags are one-line errors (exit 2)."""
+    from megatron_llama.cli import main
+
+    path = tmp_path / "new" / "dir" / "plan.json"
+    assert main(["plan", "--preset", "tiny", "--gpus", "2", "--top", "2",
+                 "--json", str(path)]) == 0
+    plan_json = json.loads(path.read_text())
+    assert len(plan_json["candidates"]) == 2 and plan_json["gpus"] == 2
+    assert list(path.parent.iterdir()) == [path]               # no temporary file left
+    # tiny shows memory in MB
+    assert "comm MB" in capsys.readouterr().out
+    for bad, message in ((["--top", "0"], "--top must be at least 1"),
+                         (["--efficiency", "0"], "--efficiency must be in (0, 1]"),
+                         (["--layout", "tp=1,dp=2,rc=bogus"], "recompute must be none"),
+                         (["--layout", "tp=1,dp=2,mb=0"], "micro_batch must be at least 1")):
+        assert main(["plan", "--preset", "tiny", "--gpus", "2"] + bad) == 2, bad
+        assert message in capsys.readouterr().err, bad
 
 
 def test_tiny_config_layouts():
