@@ -9,6 +9,7 @@ import os
 from typing import Optional
 
 from megatron_llama.config import ConfigError, get_preset
+from megatron_llama.fileio import atomic_write
 from megatron_llama.parallel import ParallelLayout
 
 CSV_FIELDS = ("label", "tp", "sp", "pp", "vp", "dp", "world", "micro_batch", "global_batch",
@@ -91,13 +92,12 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
 
 def write_csv(rows: list[dict], path: str) -> str:
     """The sweep as CSV, written whole or not at all (temporary file, then rename)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    def write(f) -> None:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
-    return path
+
+    return atomic_write(path, write)
 
 
 def write_chart(rows: list[dict], path: str, title: str) -> str:
@@ -119,8 +119,10 @@ def write_chart(rows: list[dict], path: str, title: str) -> str:
     ax.set_ylabel("tokens/s per GPU (rank)")
     ax.set_title(title + " (labels: MFU, PaLM formula)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), binary=True)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -128,6 +130,9 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     from megatron_llama.benchmark import run_benchmark
     from megatron_llama.benchmark_report import format_report, format_sweep, write_json
 
+    # a bad --output fails now, not after the whole run
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise ConfigError(f"{args.output}: --output must be a directory, this is a file")
     if args.sweep:
         rows = run_sweep(args)
         os.makedirs(args.output, exist_ok=True)

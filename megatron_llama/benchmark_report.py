@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-
 from megatron_llama.benchmark import MEGATRON_FORMULA, PALM_FORMULA
 
 
@@ -96,13 +93,6 @@ def format_sweep(rows: list[dict]) -> str:
 
 def write_json(report: dict, path: str) -> str:
     """Write ``report`` to ``path`` whole or not at all (temporary file, then rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    from megatron_llama import fileio
+
+    return fileio.write_json(report, path)

@@ -62,7 +62,7 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
 
     model = train_tokenizer(args.input, args.output_prefix, vocab_size=args.vocab_size,
                             text_key=args.text_key, max_sentences=args.max_sentences,
-                            num_threads=args.threads)
+                            num_threads=args.threads, progress=not args.no_progress)
     tok = Tokenizer(model)
     print(f"wrote {model} (vocab {tok.vocab_size}, unk={tok.unk_id} bos={tok.bos_id} "
           f"eos={tok.eos_id}, digits split, byte fallback)")
@@ -180,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--max-sentences", type=int, default=2_000_000,
                      help="lines sampled from the input for training (2,000,000)")
     tok.add_argument("--threads", type=int, default=None, help="trainer threads (all cores)")
+    tok.add_argument("--no-progress", action="store_true",
+                     help="no progress bar while the input is sampled")
     tok.set_defaults(func=cmd_train_tokenizer)
 
     pre = sub.add_parser(

@@ -30,6 +30,23 @@ class ConfigError(ValueError):
     """A configuration or layout that cannot work; the message is one line for the user."""
 
 
+def read_json_object(path: str) -> dict[str, Any]:
+    """A JSON file that must hold an object (params.json, config.json, checkpoint metadata);
+    a missing, unreadable or malformed file is a one-line `ConfigError` naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read it ({e})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object, found {type(raw).__name__}")
+    return raw
+
+
 @dataclass
 class LlamaConfig:
     """Model hyper-parameters, named exactly like Meta's ``params.json``.
@@ -50,6 +67,15 @@ class LlamaConfig:
     rope_theta: float = 10000.0
 
     def __post_init__(self) -> None:
+        for name in ("dim", "n_layers", "n_heads", "multiple_of", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name}={value!r} must be a positive integer")
+        if self.n_kv_heads is not None and (not isinstance(self.n_kv_heads, int)
+                                            or self.n_kv_heads <= 0):
+            raise ConfigError(f"n_kv_heads={self.n_kv_heads!r} must be a positive integer")
+        if not isinstance(self.vocab_size, int):
+            raise ConfigError(f"vocab_size={self.vocab_size!r} must be an integer")
         if self.dim % self.n_heads:
             raise ConfigError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.head_dim % 2:
@@ -107,16 +133,7 @@ class LlamaConfig:
     @classmethod
     def from_params_json(cls, path: str, vocab_size: Optional[int] = None) -> "LlamaConfig":
         """Read Meta's params.json. ``vocab_size: -1`` there is replaced by ``vocab_size``."""
-        try:
-            with open(path, encoding="utf-8") as f:
-                raw = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: file not found") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
-        return cls.from_dict(raw, vocab_size=vocab_size, source=path)
+        return cls.from_dict(read_json_object(path), vocab_size=vocab_size, source=path)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], vocab_size: Optional[int] = None,

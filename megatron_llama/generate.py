@@ -109,7 +109,10 @@ def load_model(checkpoint: str, tp: int = 1):
     else:
         from megatron.core import dist_checkpointing
 
-        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)
+        from megatron_llama.safe_loading import reading
+
+        with reading(path):  # no pickled code runs
+            loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)
         model.load_state_dict(loaded["model"], strict=True)
     dist.barrier()
     return model, cfg, tokenizer if tokenizer and os.path.isfile(tokenizer) else None
@@ -121,12 +124,13 @@ def generate_text(checkpoint: str, prompt: str, sampling: Sampling, tp: int = 1,
     from megatron_llama.data.tokenizer import Tokenizer
     from megatron_llama.parallel import destroy
 
+    given = Tokenizer(tokenizer_path) if tokenizer_path else None  # a bad path fails first
     model, cfg, found = load_model(checkpoint, tp)
     try:
         path = tokenizer_path or found
         if path is None:
             raise ConfigError(f"{checkpoint}: no tokenizer.model found; pass --tokenizer")
-        tok = Tokenizer(path)
+        tok = given or Tokenizer(path)
         if tok.vocab_size != cfg.vocab_size:
             raise ConfigError(f"{path}: {tok.vocab_size} pieces, model vocab {cfg.vocab_size}")
         ids = generate_ids(model, cfg, tok.encode(prompt, bos=True), sampling, tok.eos_id)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from megatron_llama.benchmark_report import write_json
 from megatron_llama.config import ConfigError
+from megatron_llama.fileio import write_json
 from megatron_llama.planner import DEFAULT_EFFICIENCY, GB, GPUS, budget, evaluate, plan, resolve
 
 
@@ -88,7 +88,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                           args.efficiency, args.reserve_gb)]
     else:
         cands = plan(preset.model, args.gpus, gpu, args.seq_length, args.global_batch,
-                     args.efficiency)
+                     args.efficiency, args.reserve_gb)
     chosen = cands[0]
     rates = [(f"{chosen.tokens_per_s_per_gpu:,.0f} (predicted, chosen)",
               budget(preset.train_tokens, chosen.tokens_per_s_per_gpu, args.gpus, gpu.power_w))]

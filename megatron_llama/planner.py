@@ -299,9 +299,9 @@ def evaluate(cfg: LlamaConfig, lay: PlanLayout, seq: int, global_batch: int, gpu
 
 
 def plan(cfg: LlamaConfig, gpus: int, gpu: GPUSpec, seq: int, global_batch: int,
-         efficiency: float = DEFAULT_EFFICIENCY) -> list[Candidate]:
+         efficiency: float = DEFAULT_EFFICIENCY, reserve_gb: float = 4.0) -> list[Candidate]:
     """All legal layouts: those that fit first, then by predicted tokens/s/GPU, then memory."""
-    cands = [evaluate(cfg, lay, seq, global_batch, gpu, efficiency)
+    cands = [evaluate(cfg, lay, seq, global_batch, gpu, efficiency, reserve_gb)
              for lay in legal_layouts(cfg, gpus, global_batch, seq, gpu.gpus_per_node)]
     if not cands:
         raise ConfigError(f"no legal layout of {gpus} GPUs for this model and batch")

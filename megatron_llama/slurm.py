@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from megatron_llama.config import ConfigError, get_preset
+from megatron_llama.fileio import write_text
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates" / "slurm"
 TEMPLATE = TEMPLATE_DIR / "llama.sbatch"
@@ -318,9 +319,7 @@ def cmd_sbatch(args: argparse.Namespace) -> int:
                               checkpoint_dir=absolute(args.checkpoint_dir),
                               train_steps=args.train_steps, extra_args=extra)
     output = args.output or f"{cluster.job_name or 'llama-' + s['preset']}.sbatch"
-    with open(output, "w", encoding="utf-8") as f:
-        f.write(script)
-    os.chmod(output, 0o755)
+    write_text(output, script, executable=True)
     os.makedirs(cluster.run_root, exist_ok=True)  # sbatch does not create the --output folder
     vp = f" VP={s['vp']}" if s["vp"] else ""
     print(f"wrote {output}: {s['preset']} on {cluster.nodes} nodes x {cluster.ntasks_per_node} "

@@ -65,6 +65,9 @@ def test_params_json_round_trip(tmp_path):
     ('{"dim": 64}', "missing field"),
     ('{"dim": 64, "n_layers": 2, "n_heads": 4, "vocab_size": -1}', "tokenizer's size"),
     ('{"dim": 64, "n_layers": 2, "n_heads": 5, "vocab_size": 10}', "not divisible"),
+    ('{"dim": 64, "n_layers": 2, "n_heads": 0, "vocab_size": 10}', "n_heads=0 must be a positive"),
+    ('{"dim": "64", "n_layers": 2, "n_heads": 4, "vocab_size": 10}', "dim='64' must be a positive"),
+    ('[1, 2]', "expected a JSON object, found list"),
 ])
 def test_params_json_errors_are_one_line(tmp_path, content, message):
     path = tmp_path / "params.json"
@@ -72,7 +75,7 @@ def test_params_json_errors_are_one_line(tmp_path, content, message):
     with pytest.raises(ConfigError, match=message) as err:
         LlamaConfig.from_params_json(str(path))
     assert "\n" not in str(err.value)
-    if message != "not divisible":
+    if message != "not divisible" and "must be a positive" not in message:
         assert str(path) in str(err.value)
 
 

@@ -87,6 +87,13 @@ def test_bad_hf_directories(tmp_path):
     json.dump({**config, "model_type": "gpt2"}, open(tmp_path / "hf" / "config.json", "w"))
     with pytest.raises(ConfigError, match="model_type 'gpt2' is not 'llama'"):
         convert(str(tmp_path / "hf"), str(tmp_path / "x"), "meta", progress=False)
+    json.dump({k: v for k, v in config.items() if k != "intermediate_size"},
+              open(tmp_path / "hf" / "config.json", "w"))
+    with pytest.raises(ConfigError, match="config.json: missing field.s. intermediate_size"):
+        convert(str(tmp_path / "hf"), str(tmp_path / "x"), "meta", progress=False)
+    (tmp_path / "hf" / "config.json").write_text("[]")
+    with pytest.raises(ConfigError, match="config.json: expected a JSON object"):
+        convert(str(tmp_path / "hf"), str(tmp_path / "x"), "meta", progress=False)
     json.dump(config, open(tmp_path / "hf" / "config.json", "w"))
     st = tmp_path / "hf" / "model.safetensors"
     st.write_bytes(st.read_bytes()[:100])

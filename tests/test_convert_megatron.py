@@ -49,6 +49,21 @@ def test_truncated_megatron_checkpoint_refused_before_writing(megatron_single, t
     with pytest.raises(ConfigError, match=r"\.distcp: \d+ bytes, the checkpoint metadata needs"):
         convert(str(tmp_path / "mcore"), str(tmp_path / "out"), "meta", progress=False)
     assert not (tmp_path / "out").exists()
+    # our metadata file, then DCP's, broken in turn: one line each, nothing written
+    meta = next(os.path.join(dp, f) for dp, _, fs in os.walk(tmp_path / "mcore") for f in fs
+                if f == "megatron_llama.json")
+    good = open(meta).read()
+    with open(meta, "w") as f:
+        f.write("{not json")
+    with pytest.raises(ConfigError, match=r"megatron_llama\.json: not valid JSON"):
+        convert(str(tmp_path / "mcore"), str(tmp_path / "out"), "meta", progress=False)
+    with open(meta, "w") as f:
+        f.write(good)
+    with open(os.path.join(os.path.dirname(meta), ".metadata"), "wb") as f:
+        f.write(b"garbage")
+    with pytest.raises(ConfigError, match=r"\.metadata: corrupt checkpoint metadata"):
+        convert(str(tmp_path / "mcore"), str(tmp_path / "out"), "meta", progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def converted_logits(layout, checkpoint, tokens):

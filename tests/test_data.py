@@ -83,6 +83,20 @@ def test_bad_tokenizer_file_is_one_line(tmp_path):
         Tokenizer(str(tmp_path / "missing.model"))
 
 
+def test_tokenizer_training_sentencepiece_refusal_is_one_line(tmp_path):
+    """Too little text for the vocabulary: SentencePiece's RuntimeError becomes one line
+    naming the input, and no tokenizer files appear."""
+    from megatron_llama.data.tokenizer import train_tokenizer
+
+    text = tmp_path / "tiny.txt"
+    text.write_text("hello world\nfoo bar baz\n")
+    with pytest.raises(ConfigError, match=r"tiny\.txt: SentencePiece could not train a "
+                                          r"2000-token vocabulary: .*[Vv]ocab") as err:
+        train_tokenizer([str(text)], str(tmp_path / "out" / "tok"), vocab_size=2000)
+    assert "\n" not in str(err.value)
+    assert not list((tmp_path / "out").glob("tok*"))
+
+
 # ---- preprocessing ----------------------------------------------------------------------------
 def test_dataset_equals_tokenization_for_any_worker_count(corpus, tokenizer, tmp_path):
     texts = [json.loads(line)["text"] for line in open(corpus["prose"], encoding="utf-8")]

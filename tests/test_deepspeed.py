@@ -160,3 +160,32 @@ def test_megatron_engine_refuses_a_deepspeed_checkpoint(megatron_single, tmp_pat
                       dtype="fp32", load_dir=str(tmp_path))
     with pytest.raises(ConfigError, match="a DeepSpeed checkpoint; resume it with --engine deepspeed"):
         pretrain(cfg)
+
+
+def test_deepspeed_resume_loads_refuse_pickled_code(tmp_path):
+    """DeepSpeed's own loader unpickles everything; ours admits tensors, plain data and
+    DeepSpeed's loss-scaler classes only."""
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+
+    from megatron_llama.engines.deepspeed import _WeightsOnlyLoads
+
+    class Inner:
+        name = "TorchCheckpointEngine"
+
+    loads = _WeightsOnlyLoads(Inner())
+    assert loads.name == "TorchCheckpointEngine"          # everything else is delegated
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.ones(2), "scaler": LossScaler(1.0), "step": 3}, good)
+    assert loads.load(str(good), map_location="cpu")["step"] == 3
+    marker = tmp_path / "ran"
+
+    class RunsCode:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    bad = tmp_path / "bad.pt"
+    torch.save({"client_state": RunsCode()}, bad)
+    with pytest.raises(ConfigError, match="bad.pt: refused: loading it would run pickled code"):
+        loads.load(str(bad), map_location="cpu")
+    assert not marker.exists()

@@ -133,3 +133,10 @@ def test_tiny_config_layouts():
     cfg = LlamaConfig(dim=64, n_layers=4, n_heads=4, vocab_size=128, multiple_of=16)
     lays = legal_layouts(cfg, 2, 8, 32)
     assert {(lay.tp, lay.pp, lay.dp) for lay in lays} == {(1, 1, 2), (2, 1, 1), (1, 2, 1)}
+
+
+def test_reserve_gb_applies_to_every_enumerated_layout():
+    roomy = plan(PRESETS["7B"].model, 64, A100, 2048, 64)
+    assert any(c.fits for c in roomy)
+    assert not any(c.fits for c in plan(PRESETS["7B"].model, 64, A100, 2048, 64,
+                                         reserve_gb=79.9))

@@ -28,7 +28,12 @@ import torch
 
 
 def make_synthetic_meta(directory: str, layers: int | None) -> None:
-    """A Meta directory with the 7B preset's shapes (optionally fewer layers), fp16."""
+    """A Meta directory with the 7B preset's shapes (optionally fewer layers), fp16.
+
+    Built under ``<directory>.tmp`` and renamed when complete, so an interrupted run never
+    leaves a truncated checkpoint that the next run would take as its input."""
+    from tqdm import tqdm
+
     from megatron_llama.config import get_preset
     from megatron_llama.convert.canonical import full_shape, meta_keys
     from megatron_llama.convert.tensorio import TorchFileWriter
@@ -36,19 +41,22 @@ def make_synthetic_meta(directory: str, layers: int | None) -> None:
     cfg = get_preset("7B").model
     if layers:
         cfg = type(cfg)(**{**cfg.__dict__, "n_layers": layers})
-    os.makedirs(directory, exist_ok=True)
+    tmp = directory + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
     keys = meta_keys(cfg)
-    writer = TorchFileWriter(os.path.join(directory, "consolidated.00.pth"),
+    writer = TorchFileWriter(os.path.join(tmp, "consolidated.00.pth"),
                              [(k, full_shape(k, cfg), torch.float16) for k in keys])
     g = torch.Generator().manual_seed(0)
-    for key in keys:
+    for key in tqdm(keys, desc="synthetic 7B-shaped checkpoint", unit=" tensors"):
         shape = full_shape(key, cfg)
         t = torch.randn(shape, generator=g) * 0.02
         if key.endswith("norm.weight"):
             t += 1.0
         writer.write(key, t.half())
     writer.close()
-    cfg.to_params_json(os.path.join(directory, "params.json"))
+    cfg.to_params_json(os.path.join(tmp, "params.json"))
+    os.replace(tmp, directory)
 
 
 def run_measured(argv: list[str]) -> tuple[float, float]:

@@ -19,14 +19,13 @@ merged (megatron-core's names, through `canonical.layer_to_meta`).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 
 import torch
 
-from megatron_llama.config import ConfigError, LlamaConfig
+from megatron_llama.config import ConfigError, LlamaConfig, read_json_object
 from megatron_llama.convert.canonical import (LAYER_NORM_NAMES, layer_index, layer_to_meta,
                                               vocab_to_meta)
 from megatron_llama.convert.source import WeightSource
@@ -151,8 +150,9 @@ class DeepSpeedCheckpoint(WeightSource):
         if not os.path.isfile(meta_path):
             raise ConfigError(f"{folder}: missing {METADATA} (model config); was it saved by "
                               "`megatron-llama pretrain --engine deepspeed`?")
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
+        meta = read_json_object(meta_path)
+        if not isinstance(meta.get("model"), dict):
+            raise ConfigError(f"{meta_path}: no model config")
         self.config = LlamaConfig.from_dict(meta["model"], source=meta_path)
         self.tp = int(meta.get("layout", {}).get("tp", 1))
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16,

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from megatron_llama.config import ConfigError, LlamaConfig
+from megatron_llama.config import ConfigError, LlamaConfig, read_json_object
 from megatron_llama.convert.canonical import (META_LAYER_KEYS, full_shape, meta_keys,
                                                rope_to_half_split, rope_to_interleaved)
 from megatron_llama.convert.source import WeightSource
@@ -81,13 +81,16 @@ def hf_config(cfg: LlamaConfig, dtype: torch.dtype) -> dict:
 
 def config_from_hf(path: str) -> LlamaConfig:
     """LlamaConfig from a Hugging Face config.json (one line if it is not a Llama)."""
-    try:
-        raw = json.load(open(path, encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read ({e})") from None
+    raw = read_json_object(path)
     if raw.get("model_type") != "llama":
         raise ConfigError(f"{path}: model_type {raw.get('model_type')!r} is not 'llama'")
-    extra = raw.get("megatron_llama", {})
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                           "intermediate_size", "vocab_size", "rms_norm_eps") if k not in raw]
+    if missing:
+        raise ConfigError(f"{path}: missing field(s) {', '.join(missing)}")
+    extra = raw.get("megatron_llama") or {}
+    if not isinstance(extra, dict):
+        raise ConfigError(f"{path}: megatron_llama must be an object")
     # Our exports keep Meta's rounding; for others, rounding up to intermediate_size itself
     # reproduces it whenever it is at least int(8 * dim / 3) (every LLaMA).
     multiple_of = extra.get("multiple_of") or raw["intermediate_size"]

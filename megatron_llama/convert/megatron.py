@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from megatron_llama.config import ConfigError, LlamaConfig
+from megatron_llama.config import ConfigError, LlamaConfig, read_json_object
 from megatron_llama.convert.canonical import (LAYER_NORM_NAMES, META_LAYER_KEYS, layer_index,
                                               layer_to_megatron, layer_to_meta, vocab_to_megatron,
                                               vocab_to_meta)
@@ -47,9 +47,8 @@ def read_metadata(root: str) -> tuple[str, dict]:
     meta_path = os.path.join(path, METADATA)
     if not os.path.isfile(meta_path):
         raise ConfigError(f"{path}: missing {METADATA} (model config); cannot convert")
-    with open(meta_path, encoding="utf-8") as f:
-        meta = json.load(f)
-    if "model" not in meta:
+    meta = read_json_object(meta_path)
+    if not isinstance(meta.get("model"), dict):
         raise ConfigError(f"{meta_path}: no model config")
     return path, meta
 
@@ -90,7 +89,11 @@ class MegatronCheckpoint(WeightSource):
     def __init__(self, root: str):
         import torch.distributed.checkpoint as dcp
 
+        from megatron_llama.safe_loading import check_metadata, install
+
+        install()  # DCP's metadata and bytes items: no pickled code runs
         self.path, meta = read_metadata(root)
+        check_metadata(self.path)
         self.config = LlamaConfig.from_dict(meta["model"],
                                             source=os.path.join(self.path, METADATA))
         tok = meta.get("tokenizer")
@@ -98,6 +101,8 @@ class MegatronCheckpoint(WeightSource):
         self.description = f"Megatron, saved at {meta.get('layout')}"
         try:
             metadata = dcp.FileSystemReader(self.path).read_metadata()
+        except ConfigError:
+            raise
         except Exception as e:  # noqa: BLE001 - torch DCP raises many types for a bad file
             raise ConfigError(f"{self.path}: unreadable checkpoint metadata ({e})") from None
         _check_storage_sizes(self.path, metadata)
@@ -124,6 +129,8 @@ class MegatronCheckpoint(WeightSource):
         """Load {name: (checkpoint key, layer or None)}: a whole tensor, or one layer's slice."""
         import torch.distributed.checkpoint as dcp
 
+        from megatron_llama.safe_loading import reading
+
         state, regions, out = {}, {}, {}
         for name, (key, layer) in request.items():
             shape, dtype = self._shapes[key]
@@ -133,8 +140,9 @@ class MegatronCheckpoint(WeightSource):
                 state[key] = torch.empty((1, *shape[1:]), dtype=dtype)
                 regions[key] = [layer] + [0] * (len(shape) - 1)
             out[name] = state[key] if layer is None else state[key][0]
-        dcp.load(state, storage_reader=dcp.FileSystemReader(self.path),
-                 planner=_region_planner(regions), no_dist=True)
+        with reading(self.path):  # tensors only, but the same guard
+            dcp.load(state, storage_reader=dcp.FileSystemReader(self.path),
+                     planner=_region_planner(regions), no_dist=True)
         return out
 
     def tensor(self, name: str) -> torch.Tensor:

@@ -149,16 +149,25 @@ def prepare_output(output: str, force: bool) -> str:
     """Refuse an existing output unless ``force``; returns a fresh temporary sibling dir."""
     if os.path.exists(output) and not force:
         raise ConfigError(f"{output}: already exists (pass --force to replace it)")
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise ConfigError(f"{output}: is a file; the output is a directory")
     parent = os.path.dirname(os.path.abspath(output)) or "."
     os.makedirs(parent, exist_ok=True)
     return tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(output)}.tmp-")
 
 
 def commit_output(tmp: str, output: str) -> None:
-    """Move a complete temporary output into place (replacing an old one)."""
-    if os.path.exists(output):
-        shutil.rmtree(output)
+    """Move a complete temporary output into place (replacing an old one).
+
+    The old output is first renamed aside and deleted only after the new one is in place,
+    so a crash at any point leaves one complete copy under ``output`` or its aside name."""
+    if not os.path.exists(output):
+        os.replace(tmp, output)
+        return
+    aside = f"{tmp}.old"
+    os.replace(output, aside)
     os.replace(tmp, output)
+    shutil.rmtree(aside)
 
 
 def write_meta(output: str, source: WeightSource, shards: int,

@@ -76,8 +76,10 @@ def convert(input_dir: str, output_dir: str, to: str, *, shards: Optional[int] =
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}")
     if source_format == to and to != "meta":
-        raise ConfigError(f"conversion {to} -> {to} is not supported (a Megatron checkpoint "
-                          "already loads under any layout)")
+        why = {"megatron": "a Megatron checkpoint already loads under any layout",
+               "hf": "copy the directory, or convert to meta to re-shard or change dtype"}
+        raise ConfigError(f"{input_dir}: conversion {to} -> {to} is not supported "
+                          f"({why.get(to, 'nothing to convert')})")
     if os.path.abspath(input_dir) == os.path.abspath(output_dir):
         raise ConfigError(f"{output_dir}: output must differ from the input")
     if os.path.exists(output_dir) and not force:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+import time
 from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -75,16 +76,20 @@ class Tokenizer:
 
 
 def _training_sentences(inputs: list[str], text_key: str, max_sentences: int,
-                        seed: int) -> Iterator[str]:
+                        seed: int, progress: bool = False) -> Iterator[str]:
     """Lines of the input documents, reservoir-sampled to at most ``max_sentences``.
 
     SentencePiece trains on "sentences"; a document's lines are a good unit for code and
     prose. The sample (not the whole corpus) is held in memory.
     """
+    from tqdm import tqdm
+
     rng = random.Random(seed)
     sample: list[str] = []
     seen = 0
-    for doc in iter_documents(inputs, text_key):
+    docs = tqdm(iter_documents(inputs, text_key), unit=" docs", desc="sampling lines",
+                disable=not progress)
+    for doc in docs:
         for line in doc.text.split("\n"):
             if not line.strip():
                 continue
@@ -95,6 +100,7 @@ def _training_sentences(inputs: list[str], text_key: str, max_sentences: int,
                 j = rng.randrange(seen)
                 if j < max_sentences:
                     sample[j] = line
+    docs.close()
     if not sample:
         raise ConfigError(f"{', '.join(inputs)}: no text to train a tokenizer on")
     return iter(sample)
@@ -103,43 +109,63 @@ def _training_sentences(inputs: list[str], text_key: str, max_sentences: int,
 def train_tokenizer(inputs: list[str], output_prefix: str, vocab_size: int = 32000,
                     text_key: str = "text", max_sentences: int = 2_000_000,
                     character_coverage: float = 0.99995, num_threads: Optional[int] = None,
-                    seed: int = 0) -> str:
+                    seed: int = 0, progress: bool = False) -> str:
     """Train a LLaMA-style SentencePiece BPE model; returns the path of ``<prefix>.model``.
 
     Inputs are .txt (one document per line), .jsonl or .jsonl.gz (``text_key`` field).
     Files appear only when training succeeded (written to a temporary prefix, then renamed).
+    ``progress`` shows a bar while the input is sampled, then when training starts and ends
+    (SentencePiece reports nothing in between that fits a console).
     """
     import sentencepiece as spm
 
     if vocab_size < 260:
         raise ConfigError(f"vocab_size={vocab_size} is too small: 256 byte tokens + 3 specials "
                           "are always in the vocabulary")
+    sentences = _training_sentences(inputs, text_key, max_sentences, seed, progress)
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     os.makedirs(out_dir, exist_ok=True)
-    sentences = _training_sentences(inputs, text_key, max_sentences, seed)
+    if progress:
+        print(f"training SentencePiece BPE (vocab {vocab_size}) on the sampled lines ...",
+              flush=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tokenizer-") as tmp:
         tmp_prefix = os.path.join(tmp, "tok")
-        spm.SentencePieceTrainer.Train(
-            sentence_iterator=sentences,
-            model_prefix=tmp_prefix,
-            model_type="bpe",
-            vocab_size=vocab_size,
-            split_digits=True,            # paper: numbers split into single digits
-            byte_fallback=True,           # paper: unknown UTF-8 characters -> byte tokens
-            normalization_rule_name="identity",  # keep text exactly (no NFKC)
-            remove_extra_whitespaces=False,
-            allow_whitespace_only_pieces=True,
-            add_dummy_prefix=True,
-            character_coverage=character_coverage,
-            unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1,
-            max_sentence_length=1 << 16,
-            num_threads=num_threads or os.cpu_count() or 1,
-            train_extremely_large_corpus=False,
-            minloglevel=2,
-        )
+        try:
+            start = time.perf_counter()
+            _train_spm(spm, sentences, tmp_prefix, vocab_size, character_coverage, num_threads)
+        except RuntimeError as e:
+            # e.g. "Vocabulary size too high (300). Please set it to a value <= 265."
+            reason = str(e).strip().splitlines()[-1].split("] ")[-1]
+            raise ConfigError(f"{', '.join(inputs)}: SentencePiece could not train a "
+                              f"{vocab_size}-token vocabulary: {reason}") from None
         for ext in (".model", ".vocab"):
             os.replace(tmp_prefix + ext, output_prefix + ext)
+    if progress:
+        print(f"trained in {time.perf_counter() - start:.1f} s", flush=True)
     return output_prefix + ".model"
+
+
+def _train_spm(spm, sentences: Iterator[str], prefix: str, vocab_size: int,
+               character_coverage: float, num_threads: Optional[int]) -> None:
+    """SentencePiece BPE with the paper's settings, trained on ``sentences``."""
+    spm.SentencePieceTrainer.Train(
+        sentence_iterator=sentences,
+        model_prefix=prefix,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        split_digits=True,            # paper: numbers split into single digits
+        byte_fallback=True,           # paper: unknown UTF-8 characters -> byte tokens
+        normalization_rule_name="identity",  # keep text exactly (no NFKC)
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        add_dummy_prefix=True,
+        character_coverage=character_coverage,
+        unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1,
+        max_sentence_length=1 << 16,
+        num_threads=num_threads or os.cpu_count() or 1,
+        train_extremely_large_corpus=False,
+        minloglevel=2,  # its INFO log is a line per few merges: too much for a console
+    )
 
 
 def token_dtype(vocab_size: int):

@@ -24,7 +24,8 @@ from typing import Optional
 
 import torch
 
-from megatron_llama.config import ConfigError
+from megatron_llama.config import ConfigError, read_json_object
+from megatron_llama.fileio import write_json, write_text
 from megatron_llama.training.recipe import TrainConfig, lr_at
 
 TAG_PREFIX = "iter_"
@@ -180,13 +181,15 @@ class DeepSpeedEngine:
         from megatron_llama.training.checkpoint import METADATA
 
         tag = f"{TAG_PREFIX}{iteration:07d}"
-        self.engine.save_checkpoint(root, tag=tag, client_state={"train_state": train_state})
+        # `latest` is written last, by us: it names a checkpoint only once every rank's files
+        # and the metadata are complete (a crash before leaves the previous one as latest)
+        self.engine.save_checkpoint(root, tag=tag, client_state={"train_state": train_state},
+                                    save_latest=False)
+        dist.barrier()
         if dist.get_rank() == 0:
-            path = os.path.join(root, tag, METADATA)
-            with open(path + ".tmp", "w", encoding="utf-8") as f:
-                json.dump({**metadata, "engine": "deepspeed", "zero_stage": self.cfg.zero_stage,
-                           "iteration": iteration, **train_state}, f, indent=1)
-            os.replace(path + ".tmp", path)
+            write_json({**metadata, "engine": "deepspeed", "zero_stage": self.cfg.zero_stage,
+                        "iteration": iteration, **train_state}, os.path.join(root, tag, METADATA))
+            write_text(os.path.join(root, "latest"), tag)
         dist.barrier()
 
     def load(self, root: str, expected_model: Optional[dict]) -> Optional[dict]:
@@ -202,11 +205,40 @@ class DeepSpeedEngine:
         tag = open(latest, encoding="utf-8").read().strip()
         meta_path = os.path.join(root, tag, METADATA)
         if expected_model is not None and os.path.isfile(meta_path):
-            saved = json.load(open(meta_path, encoding="utf-8")).get("model")
+            saved = read_json_object(meta_path).get("model")
             if saved != expected_model:
                 raise ConfigError(f"{meta_path}: checkpoint of another model ({saved}); "
                                   "refusing to load it")
+        if not isinstance(self.engine.checkpoint_engine, _WeightsOnlyLoads):
+            self.engine.checkpoint_engine = _WeightsOnlyLoads(self.engine.checkpoint_engine)
         path, client = self.engine.load_checkpoint(root, tag=tag)
         if path is None:
             raise ConfigError(f"{os.path.join(root, tag)}: DeepSpeed could not load it")
         return client["train_state"]
+
+
+class _WeightsOnlyLoads:
+    """DeepSpeed's checkpoint engine with a `load` that never unpickles code.
+
+    DeepSpeed's own `TorchCheckpointEngine.load` calls ``torch.load(weights_only=False)``;
+    this wrapper loads with ``weights_only=True``, allowing only DeepSpeed's plain data
+    classes (`convert.deepspeed._safe_globals`), and delegates everything else.
+    """
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def load(self, path: str, map_location=None):
+        import pickle
+
+        from megatron_llama.convert.deepspeed import _safe_globals
+
+        try:
+            with torch.serialization.safe_globals(_safe_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ConfigError(f"{path}: refused: loading it would run pickled code "
+                              f"({str(e).splitlines()[0][:120]})") from None

@@ -151,6 +151,7 @@ def load(root: str, chunks, optimizer, scheduler, expected_model: Optional[dict]
         return None
     path = iteration_dir(root, iteration)
     meta = _saved_metadata(path)
+    from megatron_llama.safe_loading import reading
     if expected_model is not None and meta.get("model") not in (None, expected_model):
         from megatron_llama.config import ConfigError
 
@@ -159,18 +160,20 @@ def load(root: str, chunks, optimizer, scheduler, expected_model: Optional[dict]
         raise ConfigError(f"{path}: checkpoint is of a different model ({', '.join(diff)} "
                           "differ); choose another --save/--load")
     if meta.get("model_only"):  # e.g. converted from Meta's weights: start from them at step 0
-        loaded = dist_checkpointing.load(
-            {_model_key(i, len(chunks)): c.module.sharded_state_dict() for i, c in enumerate(chunks)},
-            path)
+        with reading(path):  # no pickled code runs
+            loaded = dist_checkpointing.load(
+                {_model_key(i, len(chunks)): c.module.sharded_state_dict()
+                 for i, c in enumerate(chunks)}, path)
         for i, chunk in enumerate(chunks):
             chunk.module.load_state_dict(loaded[_model_key(i, len(chunks))], strict=True)
         optimizer.reload_model_params()  # fp32 main weights from the loaded model weights
         return None
     same_layout = meta.get("layout") == _current_layout()
-    saved_sharding = dist_checkpointing.load_content_metadata(path) or OPTIMIZER_SHARDING
-    sd = _sharded_state(chunks, optimizer, scheduler, {}, is_loading=True,
-                        optimizer_metadata=saved_sharding, with_rng=same_layout)
-    loaded = dist_checkpointing.load(sd, path)
+    with reading(path):  # no pickled code runs
+        saved_sharding = dist_checkpointing.load_content_metadata(path) or OPTIMIZER_SHARDING
+        sd = _sharded_state(chunks, optimizer, scheduler, {}, is_loading=True,
+                            optimizer_metadata=saved_sharding, with_rng=same_layout)
+        loaded = dist_checkpointing.load(sd, path)
     for i, chunk in enumerate(chunks):
         chunk.module.load_state_dict(loaded[_model_key(i, len(chunks))], strict=True)
     optimizer.load_state_dict(loaded["optimizer"])
@@ -197,5 +200,6 @@ def _saved_metadata(path: str) -> dict:
     meta = os.path.join(path, METADATA)
     if not os.path.isfile(meta):
         return {}
-    with open(meta, encoding="utf-8") as f:
-        return json.load(f)
+    from megatron_llama.config import read_json_object
+
+    return read_json_object(meta)

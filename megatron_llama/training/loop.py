@@ -43,6 +43,10 @@ def pretrain(cfg: TrainConfig) -> dict:
 
     cfg.check(launcher_world_size())  # refuse impossible layouts before any work
     tokenizer = _load_tokenizer(cfg)
+    if cfg.data_blend is not None:  # a bad --data fails now, before the model is built
+        from megatron_llama.data.blend import load_blend
+
+        load_blend(cfg.data_blend).check_files()
     rank, world = init_distributed()
     initialize(cfg.layout, seed=cfg.seed)
     try:

@@ -1,0 +1,75 @@
+"""megatron-core checkpoints (torch DCP) are read without running pickled code: a real
+checkpoint with RNG-like non-tensor items loads; a crafted `.metadata` or bytes item is
+refused with one line and its code never runs."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from megatron_llama.config import ConfigError
+from megatron_llama.safe_loading import install, reading
+
+
+class _RunsCode:
+    """Unpickling this calls ``open(marker, "w")``: what a crafted checkpoint could do."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _state(extra=None):
+    # a tuple is one non-tensor item to DCP (dicts and lists would be flattened), pickled
+    # into the checkpoint as bytes, as megatron-core's RNG state and _extra_state are
+    rng = (torch.get_rng_state(), np.random.get_state(), 3)
+    return {"weight": torch.arange(6.0).reshape(2, 3), "rng_state": extra if extra else rng}
+
+
+def _load(path: str) -> dict:
+    target = {"weight": torch.zeros(2, 3), "rng_state": None}
+    with reading(path):
+        dcp.load(target, checkpoint_id=path, planner=dcp.DefaultLoadPlanner())
+    return target
+
+
+def test_real_checkpoint_loads_with_restrictions(tmp_path):
+    install()
+    install()  # idempotent
+    dcp.save(_state(), checkpoint_id=str(tmp_path))
+    loaded = _load(str(tmp_path))
+    assert torch.equal(loaded["weight"], torch.arange(6.0).reshape(2, 3))
+    assert loaded["rng_state"][2] == 3
+    assert torch.equal(loaded["rng_state"][0], torch.get_rng_state())
+    assert np.array_equal(loaded["rng_state"][1][1], np.random.get_state()[1])
+    assert dcp.FileSystemReader(str(tmp_path)).read_metadata().state_dict_metadata
+
+
+def test_crafted_bytes_item_is_refused(tmp_path):
+    install()
+    marker = tmp_path / "ran"
+    dcp.save(_state(extra=(_RunsCode(str(marker)),)), checkpoint_id=str(tmp_path / "c"))
+    with pytest.raises(ConfigError, match="rng_state: refused: loading it would run pickled"):
+        _load(str(tmp_path / "c"))
+    assert not marker.exists()
+
+
+def test_crafted_metadata_is_refused(tmp_path):
+    install()
+    marker = tmp_path / "ran"
+    path = tmp_path / "c"
+    dcp.save(_state(), checkpoint_id=str(path))
+    with open(path / ".metadata", "wb") as f:
+        pickle.dump(_RunsCode(str(marker)), f)
+    with pytest.raises(ConfigError, match=r"\.metadata: refused: io\.open is not allowed"):
+        dcp.FileSystemReader(str(path)).read_metadata()
+    with pytest.raises(ConfigError):
+        _load(str(path))
+    assert not marker.exists() and not os.path.exists(marker)
