@@ -84,14 +84,21 @@ class _RestrictedPickleModule:
 
 def _bytes_globals() -> list:
     """What the non-tensor items legitimately hold beyond torch's defaults: NumPy's RNG
-    state (a uint32 array) inside megatron-core's saved RNG state."""
+    state (a uint32 array) inside megatron-core's saved RNG state, and on GPU hosts
+    Transformer Engine's FP8 recipe classes."""
     import numpy as np
 
     try:
         from numpy._core.multiarray import _reconstruct
     except ImportError:  # numpy < 2
         from numpy.core.multiarray import _reconstruct
-    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    allowed = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    try:  # Transformer Engine's FP8 extra state pickles its recipe (plain dataclasses, enums)
+        import transformer_engine.common.recipe as te_recipe
+    except Exception:  # noqa: BLE001 - no TE (CPU hosts) or a broken install: nothing to add
+        return allowed
+    return allowed + [obj for obj in vars(te_recipe).values()
+                      if isinstance(obj, type) and obj.__module__ == te_recipe.__name__]
 
 
 def _check_bytes(read_item, value: io.BytesIO) -> None:
