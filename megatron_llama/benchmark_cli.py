@@ -62,8 +62,12 @@ def _csv_row(label: str, report: Optional[dict], error: str = "") -> dict:
     return row
 
 
-def run_sweep(args: argparse.Namespace) -> list[dict]:
-    """Benchmark every combination of the --sweep-* lists; illegal ones are listed, skipped."""
+def run_sweep(args: argparse.Namespace, csv_path: Optional[str] = None) -> list[dict]:
+    """Benchmark every combination of the --sweep-* lists; illegal ones are listed, skipped.
+
+    A point that fails (a rank dies, runs out of memory, times out) is recorded with its
+    error and the sweep goes on; with ``csv_path`` the CSV is rewritten after every point,
+    so an interrupted sweep keeps what it measured."""
     from megatron_llama.benchmark import run_benchmark
     from megatron_llama.benchmark_report import format_report
 
@@ -84,9 +88,17 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
             rows.append(_csv_row(label, None, str(e)))
             continue
         print(f"== {label}", flush=True)
-        report = run_benchmark(bc)
-        print(format_report(report), flush=True)
-        rows.append(_csv_row(label, report))
+        try:
+            report = run_benchmark(bc)
+        except Exception as e:  # noqa: BLE001 - one failed point must not lose the sweep
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+            print(f"failed {label}: {reason}", flush=True)
+            rows.append(_csv_row(label, None, f"failed: {reason}"))
+        else:
+            print(format_report(report), flush=True)
+            rows.append(_csv_row(label, report))
+        if csv_path:
+            write_csv(rows, csv_path)
     return rows
 
 
@@ -134,9 +146,10 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise ConfigError(f"{args.output}: --output must be a directory, this is a file")
     if args.sweep:
-        rows = run_sweep(args)
         os.makedirs(args.output, exist_ok=True)
-        csv_path = write_csv(rows, os.path.join(args.output, "sweep.csv"))
+        csv_path = os.path.join(args.output, "sweep.csv")
+        rows = run_sweep(args, csv_path)
+        write_csv(rows, csv_path)
         print(format_sweep(rows))
         seq = args.seq_length or get_preset(args.preset).model.max_seq_len
         title = f"{args.preset} sweep, seq {seq}, CPU ({os.cpu_count()} cores)"

@@ -81,8 +81,9 @@ def format_sweep(rows: list[dict]) -> str:
         return f"{format(scale * value, spec) + suffix:>{width}}"
 
     for r in rows:
-        if r["error"]:
-            lines.append(f"{r['label']:<22} skipped: {r['error']}")
+        if r["error"]:  # "failed: ..." when it ran and died, else why it was skipped
+            why = r["error"] if r["error"].startswith("failed:") else f"skipped: {r['error']}"
+            lines.append(f"{r['label']:<22} {why}")
             continue
         lines.append(f"{r['label']:<22}{r['world']:>6}{r['tokens_per_s_per_gpu']:>12,.0f}"
                      f"{num(r['mfu_palm'], '.1f', 10, 100, '%')}"
