@@ -11,7 +11,6 @@ streamed into its file as it comes (memory: one tensor); reading uses plain file
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from typing import Optional
@@ -19,6 +18,7 @@ from typing import Optional
 import torch
 
 from megatron_llama.config import ConfigError, LlamaConfig, read_json_object
+from megatron_llama.fileio import write_json
 from megatron_llama.convert.canonical import (META_LAYER_KEYS, full_shape, meta_keys,
                                                rope_to_half_split, rope_to_interleaved)
 from megatron_llama.convert.source import WeightSource
@@ -154,15 +154,15 @@ def write_hf(output: str, source: WeightSource, *, dtype: Optional[torch.dtype] 
         if len(plan) > 1:
             weight_map = {hf_name(k): name for name, keys in zip(names, plan) for k in keys}
             total_bytes = sum(os.path.getsize(os.path.join(tmp, f)) for f in names)
-            json.dump({"metadata": {"total_size": total_bytes}, "weight_map": weight_map},
-                      open(os.path.join(tmp, "model.safetensors.index.json"), "w"), indent=1)
-        json.dump(hf_config(cfg, dtype), open(os.path.join(tmp, "config.json"), "w"), indent=1)
+            write_json({"metadata": {"total_size": total_bytes}, "weight_map": weight_map},
+                       os.path.join(tmp, "model.safetensors.index.json"))
+        write_json(hf_config(cfg, dtype), os.path.join(tmp, "config.json"))
         if source.tokenizer:
             shutil.copyfile(source.tokenizer, os.path.join(tmp, "tokenizer.model"))
-            json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>",
-                       "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True,
-                       "add_eos_token": False, "legacy": True},
-                      open(os.path.join(tmp, "tokenizer_config.json"), "w"), indent=1)
+            write_json({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>",
+                        "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True,
+                        "add_eos_token": False, "legacy": True},
+                       os.path.join(tmp, "tokenizer_config.json"))
         commit_output(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
