@@ -55,6 +55,7 @@ class BenchConfig:
     gemm_size: int = 1024
     measure_memory: bool = True
     compile: bool = False               # torch.compile'd SwiGLU (megatron-core's fused kernel)
+    progress: bool = False              # a bar on rank 0 (stderr) over warmup + timed steps
     seed: int = 1234
 
     @property
@@ -97,6 +98,7 @@ def run_rank(bc: BenchConfig) -> dict:
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
+    from tqdm import tqdm
 
     from megatron_llama.config import to_transformer_config
     from megatron_llama.engines.megatron import forward_backward, wrap_ddp
@@ -141,6 +143,8 @@ def run_rank(bc: BenchConfig) -> dict:
 
         times, hf_times, gemm = [], [], []
         hf_loss = None
+        bar = tqdm(total=bc.warmup + bc.iters, unit=" step", desc="benchmark",
+                   disable=not bc.progress or dist.get_rank() != 0)
         for i in range(bc.warmup + bc.iters):
             # this step's samples (the single process holds the whole global batch)
             tokens = torch.cat([b["tokens"] for b in data.train_batches(i * bc.batch)]) \
@@ -162,6 +166,9 @@ def run_rank(bc: BenchConfig) -> dict:
                 if not torch.cuda.is_available():
                     dist.barrier()  # every rank multiplies at once, as they train at once
                     gemm.append(_gemm_window(bc.gemm_size))
+            bar.set_postfix_str(("warmup " if i < bc.warmup else "") + f"{elapsed:.2f} s")
+            bar.update(1)
+        bar.close()
         # the timed steps' loss and RSS, before the extra untimed steps and GEMMs below
         loss, peak_rss = state["loss"], peak_rss_bytes()
         ceiling = breakdown = None

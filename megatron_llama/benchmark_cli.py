@@ -41,7 +41,8 @@ def bench_config_from_args(args: argparse.Namespace, **changes):
         global_batch=args.global_batch, recompute=values["recompute"], dtype=args.dtype,
         warmup=args.warmup, iters=args.iters, threads=args.threads,
         compare_hf=args.compare_hf and not changes, peak_tflops=args.peak_tflops,
-        measure_memory=not args.no_memory, compile=args.compile)
+        measure_memory=not args.no_memory, compile=args.compile,
+        progress=not args.no_progress)
 
 
 def _csv_row(label: str, report: Optional[dict], error: str = "") -> dict:
@@ -212,6 +213,8 @@ def add_benchmark_parser(subparsers) -> None:
     run.add_argument("--compile", action="store_true",
                      help="use megatron-core's SwiGLU fusion, compiled by torch.compile "
                           "(inductor; on CPU needs a C++ compiler, compiles during warmup)")
+    run.add_argument("--no-progress", action="store_true",
+                     help="no progress bar over the steps (rank 0, on stderr)")
     run.add_argument("--no-memory", action="store_true",
                      help="skip the extra profiled step that measures peak tensor memory "
                           "(on CPU the GEMM ceiling and the time breakdown still run)")

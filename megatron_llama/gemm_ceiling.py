@@ -116,7 +116,10 @@ _GEMM_OPS = {"aten::mm", "aten::addmm", "aten::addmm_"}
 _KINDS = (("attention", "scaled_dot_product"), ("attention", "aten::bmm"),
           ("attention", "aten::baddbmm"), ("optimizer", "aten::_fused_adam"),
           ("optimizer", "aten::_foreach_"), ("communication", "c10d::"),
-          ("communication", "gloo:"), ("communication", "record_param_comms"))
+          ("communication", "gloo:"), ("communication", "record_param_comms"),
+          # megatron-core's TP/SP autograd functions: their self time is the collective
+          ("communication", "ModelParallelRegion"),
+          ("communication", "SequenceParallelRegion"))
 
 
 def _kind(name: str) -> str:
