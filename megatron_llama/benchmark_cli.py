@@ -157,7 +157,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         png = write_chart(rows, os.path.join(args.output, "sweep.png"), title) \
             if any(not r["error"] for r in rows) else None
         print(f"wrote {csv_path}" + (f" and {png}" if png else ""))
-        return 0
+        return 1 if any(r["error"].startswith("failed:") for r in rows) else 0
     bc = bench_config_from_args(args)
     report = run_benchmark(bc)
     print(format_report(report))

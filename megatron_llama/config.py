@@ -151,6 +151,8 @@ class LlamaConfig:
             return cls(**values)
         except TypeError as e:
             raise ConfigError(f"{source}: {e}") from None
+        except ConfigError as e:  # a value the model cannot have: say which file holds it
+            raise ConfigError(f"{source}: {e}") from None
 
     def to_params_json(self, path: Optional[str] = None, meta_style: bool = True) -> dict:
         """Meta's params.json fields; Llama-2 fields only when set. Writes atomically if a path is given."""

@@ -29,15 +29,25 @@ def output_path(path: str) -> str:
 
 
 def atomic_write(path: str, write: Callable[[IO], None], binary: bool = False) -> str:
-    """Call ``write(f)`` on a temporary file, then rename it to ``path``; returns ``path``."""
+    """Call ``write(f)`` on a temporary file, then rename it to ``path``; returns ``path``.
+
+    A path that exists and is not a regular file (``/dev/stdout``, a pipe) is written
+    directly. Failures of the file system are one-line `ConfigError`s."""
     output_path(path)
+    # text: UTF-8, "\n" written as is (csv writes its own line ends)
+    text = {} if binary else {"encoding": "utf-8", "newline": ""}
+    mode = "wb" if binary else "w"
+    if os.path.exists(path) and not os.path.isfile(path):
+        with open(path, mode, **text) as f:
+            write(f)
+        return path
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        # text: UTF-8, "\n" written as is (csv writes its own line ends)
-        text = {} if binary else {"encoding": "utf-8", "newline": ""}
-        with open(tmp, "wb" if binary else "w", **text) as f:
+        with open(tmp, mode, **text) as f:
             write(f)
         os.replace(tmp, path)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot write it ({e.strerror or e})") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -37,10 +37,21 @@ import torch
 
 from megatron_llama.config import ConfigError
 
-# the modules whose classes DCP pickles into .metadata (plain dataclasses and enums)
-_DCP_MODULES = frozenset({"torch.distributed.checkpoint.metadata",
-                          "torch.distributed.checkpoint.planner",
-                          "torch.distributed.checkpoint.filesystem"})
+# The only globals DCP's .metadata may name: its plain dataclasses and enums, by exact name
+# (a whole-module rule would admit e.g. functools.reduce or file writers imported there).
+_ALLOWED = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "StorageMeta", "MetadataIndex", "ChunkStorageMetadata", "TensorProperties",
+        "TensorStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo", "_StoragePrefix"},
+    "torch.distributed.checkpoint.planner": {
+        "SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "LoadItemType"},
+    "torch": {"Size"},
+    "torch.serialization": {"_get_layout"},   # a lookup of torch.strided & co by name
+    "collections": {"OrderedDict"},
+    # storage_meta.checkpoint_id: a path, rebuilt from its parts
+    "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+}
 _TORCH_VALUE_TYPES = (torch.dtype, torch.layout, torch.memory_format)
 
 
@@ -52,15 +63,11 @@ class MetadataUnpickler(pickle.Unpickler):
     """A pickle reader for DCP's ``.metadata`` that refuses every other global."""
 
     def find_class(self, module: str, name: str):
-        allowed = (module in _DCP_MODULES
-                   or (module == "torch" and name == "Size")
-                   or (module == "torch" and isinstance(getattr(torch, name, None),
-                                                         _TORCH_VALUE_TYPES))
-                   or (module == "torch.serialization" and name == "_get_layout")
-                   or (module == "collections" and name == "OrderedDict")
-                   # storage_meta.checkpoint_id: a path, rebuilt from its parts
-                   or (module == "pathlib" and name in ("Path", "PosixPath", "WindowsPath",
-                                                        "PurePosixPath", "PureWindowsPath")))
+        # no dotted names: pickle protocol 4 would walk "os.system" from any allowed module
+        allowed = "." not in name and (
+            name in _ALLOWED.get(module, ())
+            or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                  _TORCH_VALUE_TYPES)))
         if not allowed:
             raise Disallowed(f"{module}.{name} is not allowed in checkpoint metadata")
         return super().find_class(module, name)
@@ -136,7 +143,7 @@ def check_metadata(checkpoint_dir: str) -> None:
     path = os.path.join(checkpoint_dir, ".metadata")
     try:
         with open(path, "rb") as f:
-            MetadataUnpickler(f).load()
+            metadata = MetadataUnpickler(f).load()
     except FileNotFoundError:
         raise ConfigError(f"{path}: missing (not a complete megatron-core checkpoint)") from None
     except Disallowed as e:
@@ -144,6 +151,12 @@ def check_metadata(checkpoint_dir: str) -> None:
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
             ImportError, IndexError, KeyError) as e:
         raise ConfigError(f"{path}: corrupt checkpoint metadata ({e})") from None
+    # data files must lie inside the checkpoint: no absolute paths, no ".."
+    storage = getattr(metadata, "storage_data", None)
+    for info in (storage.values() if isinstance(storage, dict) else ()):
+        rel = str(getattr(info, "relative_path", ""))
+        if os.path.isabs(rel) or ".." in rel.replace("\\", "/").split("/"):
+            raise ConfigError(f"{path}: refused: data file {rel!r} lies outside the checkpoint")
 
 
 def _refusal(exc: BaseException) -> Optional[ConfigError]:

@@ -73,3 +73,43 @@ def test_crafted_metadata_is_refused(tmp_path):
     with pytest.raises(ConfigError):
         _load(str(path))
     assert not marker.exists() and not os.path.exists(marker)
+
+
+def _stack_global_call(module: str, name: str) -> bytes:
+    """A protocol-4 pickle calling ``module``'s ``name`` with no arguments."""
+    def text(t: str) -> bytes:
+        return b"\x8c" + bytes([len(t)]) + t.encode()
+    return b"\x80\x04" + text(module) + text(name) + b"\x93)R."
+
+
+def test_metadata_names_are_exact_no_dotted_paths(tmp_path):
+    """Protocol 4 resolves dotted names from any allowed module ("os.getpid" from DCP's
+    metadata module); only exact, listed names pass."""
+    from megatron_llama.safe_loading import check_metadata
+
+    path = tmp_path / "c"
+    dcp.save(_state(), checkpoint_id=str(path))
+    check_metadata(str(path))                                   # the real one passes
+    for module, name in (("torch.distributed.checkpoint.metadata", "os.getpid"),
+                         ("torch.distributed.checkpoint.planner", "reduce"),
+                         ("torch.distributed.checkpoint.filesystem", "FileSystemWriter")):
+        (path / ".metadata").write_bytes(_stack_global_call(module, name))
+        with pytest.raises(ConfigError, match=f"refused: {module}.{name} is not allowed"):
+            check_metadata(str(path))
+
+
+def test_metadata_pointing_outside_the_checkpoint_is_refused(tmp_path):
+    import dataclasses
+
+    from megatron_llama.safe_loading import check_metadata
+
+    path = tmp_path / "c"
+    dcp.save(_state(), checkpoint_id=str(path))
+    metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    key = next(iter(metadata.storage_data))
+    metadata.storage_data[key] = dataclasses.replace(metadata.storage_data[key],
+                                                     relative_path="../../etc/passwd")
+    with open(path / ".metadata", "wb") as f:
+        pickle.dump(metadata, f)
+    with pytest.raises(ConfigError, match="data file '../../etc/passwd' lies outside"):
+        check_metadata(str(path))
