@@ -12,7 +12,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_llama", "megatron_llama.*"]),
     # `megatron-llama sbatch`: the batch script template and the presets' cluster settings
-    package_data={"megatron_llama": ["templates/slurm/*.sbatch", "templates/slurm/*.env"]},
+    package_data={"megatron_llama.launch": ["templates/slurm/*.sbatch", "templates/slurm/*.env"]},
     install_requires=[
         # Install torch first (`pip install torch==2.13.0` takes the CPU wheel on CPU hosts);
         # a range keeps pip from replacing it with another build.

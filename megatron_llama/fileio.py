@@ -2,18 +2,21 @@
 
 Every file the tools write lands through `atomic_write`: the content goes to a temporary
 file beside the destination, which is renamed over it only once complete, so a crash or
-Ctrl-C never leaves a half-written script, report or chart. Checkpoints and converted models
-use the same idea for whole directories (`convert.meta.commit_output`,
-`training.checkpoint.save`).
+Ctrl-C never leaves a half-written script, report or chart. Whole directories (converted
+models, checkpoints) do the same through `staged_directory`, or `stage_directory` plus
+`commit_directory` when several processes fill the directory (a checkpoint save).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import IO, Callable
+import shutil
+import tempfile
+from typing import IO, Callable, Iterator
 
-from megatron_llama.config import ConfigError
+from megatron_llama.errors import ConfigError
 
 
 def output_path(path: str) -> str:
@@ -67,3 +70,50 @@ def write_text(path: str, text: str, executable: bool = False) -> str:
 def write_json(obj, path: str) -> str:
     """``obj`` as indented JSON to ``path`` atomically."""
     return atomic_write(path, lambda f: json.dump(obj, f, indent=2))
+
+
+def stage_directory(output: str, force: bool = False) -> str:
+    """A fresh, empty temporary directory beside ``output`` to build it in.
+
+    An existing ``output`` is refused unless ``force`` (it is replaced only at the commit);
+    an existing file there is always refused."""
+    if os.path.exists(output) and not force:
+        raise ConfigError(f"{output}: already exists (pass --force to replace it)")
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise ConfigError(f"{output}: is a file; the output is a directory")
+    parent = os.path.dirname(os.path.abspath(output)) or "."
+    try:
+        os.makedirs(parent, exist_ok=True)
+        return tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(output)}.tmp-")
+    except OSError as e:
+        raise ConfigError(f"{output}: cannot create it ({e.strerror or e})") from None
+
+
+def commit_directory(tmp: str, output: str) -> None:
+    """Move a complete directory ``tmp`` to ``output``, replacing an old one.
+
+    The old output is first renamed aside and deleted only after the new one is in place,
+    so a crash at any point leaves one complete copy under ``output`` or its aside name."""
+    if not os.path.exists(output):
+        os.replace(tmp, output)
+        return
+    aside = f"{tmp}.old"
+    os.replace(output, aside)
+    os.replace(tmp, output)
+    shutil.rmtree(aside)
+
+
+@contextlib.contextmanager
+def staged_directory(output: str, force: bool = False) -> Iterator[str]:
+    """Build the directory ``output`` in a temporary sibling; it appears only when complete.
+
+    ``with staged_directory(out) as tmp:`` fill ``tmp``; on success it is committed
+    (`commit_directory`), on any exception (Ctrl-C included) removed, and ``output`` is as
+    it was before."""
+    tmp = stage_directory(output, force)
+    try:
+        yield tmp
+        commit_directory(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

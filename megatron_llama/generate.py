@@ -10,12 +10,15 @@ draws from the same seeded generator over the same gathered logits, so all ranks
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
+from megatron_llama.errors import ConfigError
+from megatron_llama.model.config import LlamaConfig
 
-from megatron_llama.config import ConfigError, LlamaConfig
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used
+    import torch
 
 
 @dataclass
@@ -28,6 +31,8 @@ class Sampling:
 
 def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
     """Next token id from last-position logits [V]: greedy, or top-p over softmax(l / T)."""
+    import torch
+
     if sampling.temperature <= 0:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.double() / sampling.temperature, dim=-1)
@@ -41,6 +46,7 @@ def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
 def generate_ids(model, cfg: LlamaConfig, prompt_ids: list[int], sampling: Sampling,
                  eos_id: Optional[int] = None) -> list[int]:
     """New token ids after ``prompt_ids`` (stops at ``eos_id``), with a KV cache."""
+    import torch
     from megatron.core.inference.contexts import StaticInferenceContext
 
     total = min(cfg.max_seq_len, len(prompt_ids) + sampling.max_new_tokens)
@@ -72,11 +78,12 @@ def load_model(checkpoint: str, tp: int = 1):
 
     Runs in the current process group: world size must equal ``tp``.
     """
+    import torch
     import torch.distributed as dist
 
-    from megatron_llama.config import to_transformer_config
     from megatron_llama.convert.run import detect_format
-    from megatron_llama.model import build_model, load_meta_state_dict
+    from megatron_llama.model.build import build_model, load_meta_state_dict
+    from megatron_llama.model.config import to_transformer_config
     from megatron_llama.parallel import ParallelLayout, init_distributed, initialize
 
     source = detect_format(checkpoint)
@@ -94,7 +101,7 @@ def load_model(checkpoint: str, tp: int = 1):
         ckpt = MetaCheckpoint(checkpoint)
         cfg, tokenizer = ckpt.config, ckpt.tokenizer
     else:
-        from megatron_llama.convert.megatron import read_metadata
+        from megatron_llama.convert.megatron_checkpoint import read_metadata
 
         path, meta = read_metadata(checkpoint)
         cfg = LlamaConfig.from_dict(meta["model"])
@@ -103,13 +110,13 @@ def load_model(checkpoint: str, tp: int = 1):
     initialize(layout)
     model = build_model(cfg, to_transformer_config(cfg, layout, dtype=dtype))[0]
     if source == "meta":
-        from megatron_llama.convert.canonical import meta_keys
+        from megatron_llama.model.canonical import meta_keys
 
         load_meta_state_dict([model], {k: ckpt.tensor(k) for k in meta_keys(cfg)}, cfg)
     else:
         from megatron.core import dist_checkpointing
 
-        from megatron_llama.safe_loading import reading
+        from megatron_llama.compat.safe_loading import reading
 
         with reading(path):  # no pickled code runs
             loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)
@@ -137,3 +144,36 @@ def generate_text(checkpoint: str, prompt: str, sampling: Sampling, tp: int = 1,
         return tok.decode([i for i in ids if i != tok.eos_id])
     finally:
         destroy()
+
+
+def cmd_generate(args) -> int:
+    from megatron_llama.parallel import relaunch_with_torchrun, under_launcher
+
+    if args.tp > 1 and not under_launcher():
+        return relaunch_with_torchrun(args.tp, sys.argv[1:])
+    sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_p=args.top_p, seed=args.seed)
+    text = generate_text(args.checkpoint, args.prompt, sampling, tp=args.tp,
+                         tokenizer_path=args.tokenizer)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(args.prompt + text)
+    return 0
+
+
+def add_command(subparsers) -> None:
+    """Register `generate`."""
+    gen = subparsers.add_parser(
+        "generate", help="sample text from a Meta directory or a Megatron checkpoint",
+        description="Continue --prompt with a KV-cached megatron-core model loaded from a Meta "
+        "directory or a `pretrain` checkpoint: greedy (--temperature 0, default) or "
+        "temperature + top-p sampling. --tp 2 runs on 2 local processes.")
+    gen.add_argument("--checkpoint", required=True, help="Meta directory or checkpoint root")
+    gen.add_argument("--prompt", required=True, help="text to continue")
+    gen.add_argument("--tp", type=int, default=1, help="tensor-parallel size (1 or 2 on CPU)")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to add (64)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=0.9, help="nucleus mass when sampling (0.9)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
+    gen.add_argument("--tokenizer", default=None,
+                     help="SentencePiece model (default: the checkpoint's tokenizer.model)")
+    gen.set_defaults(func=cmd_generate)

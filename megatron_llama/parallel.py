@@ -3,26 +3,34 @@
 A `ParallelLayout` says how a model is cut: tensor (TP), sequence (SP, rides on TP),
 pipeline (PP) with optional virtual stages (VP), and data parallel (DP = world / (TP*PP)).
 `ParallelLayout.check` refuses layouts that cannot work, with one line, before any process
-group or weight exists. `initialize` creates the process groups (gloo on CPU through
-`megatron_llama.platform`, NCCL on GPU) and seeds the RNGs the way megatron-core expects.
+group or weight exists. `initialize` applies the runtime adaptations (`megatron_llama.compat`:
+gloo on CPU, NCCL on GPU) and the host tuning, creates megatron-core's process groups and
+seeds the RNGs the way megatron-core expects. The launcher helpers at the end tell whether
+torchrun / srun started this process and start local processes under torchrun if not.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
+import subprocess
+import sys
+from dataclasses import dataclass, field
 from typing import Optional
 
-from megatron_llama.config import ConfigError, LlamaConfig
+from megatron_llama.errors import ConfigError
+from megatron_llama.model.config import LlamaConfig
 
 
 @dataclass(frozen=True)
 class ParallelLayout:
-    tp: int = 1
-    pp: int = 1
-    vp: Optional[int] = None  # virtual pipeline stages per pipeline rank (interleaved 1F1B)
-    sp: bool = False
+    """How the model is cut; the field metadata are `pretrain`'s flag help."""
+
+    tp: int = field(default=1, metadata={"help": "tensor-parallel size"})
+    pp: int = field(default=1, metadata={"help": "pipeline-parallel size"})
+    vp: Optional[int] = field(default=None, metadata={
+        "help": "virtual pipeline stages per rank (interleaved 1F1B)"})
+    sp: bool = field(default=False, metadata={"help": "sequence parallelism (needs --tp > 1)"})
 
     @property
     def model_parallel_size(self) -> int:
@@ -86,8 +94,6 @@ def _slurm_rendezvous() -> None:
     if "SLURM_PROCID" not in os.environ or "RANK" in os.environ:
         return
     if "MASTER_ADDR" not in os.environ:
-        import subprocess
-
         nodelist = os.environ.get("SLURM_STEP_NODELIST", os.environ.get("SLURM_JOB_NODELIST", ""))
         try:
             hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True,
@@ -99,6 +105,13 @@ def _slurm_rendezvous() -> None:
     os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", 0)) % 20000))
 
 
+def distributed_backend() -> str:
+    """The torch.distributed backend for this host: nccl with CUDA, gloo without."""
+    import torch
+
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
 def init_distributed(timeout_s: int = 600) -> tuple[int, int]:
     """Initialise torch.distributed from torchrun/srun environment variables if needed.
 
@@ -108,15 +121,13 @@ def init_distributed(timeout_s: int = 600) -> tuple[int, int]:
     import torch
     import torch.distributed as dist
 
-    from megatron_llama import platform
-
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     _slurm_rendezvous()
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
     world = launcher_world_size()
     timeout = datetime.timedelta(seconds=timeout_s)
-    backend = platform.default_backend()
+    backend = distributed_backend()
     if backend == "nccl":
         local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
         torch.cuda.set_device(local_rank)
@@ -138,9 +149,10 @@ def initialize(layout: ParallelLayout, seed: int = 1234) -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state, tensor_parallel
 
-    from megatron_llama import platform
+    from megatron_llama import compat, process_tuning
 
-    platform.enable_cpu_adapter()
+    compat.install()
+    process_tuning.tune_process()
     world = dist.get_world_size()
     if world % layout.model_parallel_size:
         raise ConfigError(f"world size {world} is not divisible by TP*PP={layout.model_parallel_size}")
@@ -158,3 +170,29 @@ def destroy() -> None:
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
+
+
+def under_launcher() -> bool:
+    """True when torchrun or srun started this process (it then has a rank)."""
+    return "RANK" in os.environ or "SLURM_PROCID" in os.environ
+
+
+def relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
+    """Run this command again under torchrun with ``nproc`` local processes; its exit code."""
+    cleaned, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc-per-node":
+            skip = True
+            continue
+        if a.startswith("--nproc-per-node="):
+            continue
+        cleaned.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "megatron_llama.cli", *cleaned]
+    env = dict(os.environ, PYTHONWARNINGS=os.environ.get("PYTHONWARNINGS", "ignore"),
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS",
+                                              str(max(1, (os.cpu_count() or 1) // nproc))))
+    return subprocess.call(cmd, env=env)

@@ -9,12 +9,11 @@ mapped back to Meta's names) are compared. The test suite asserts exactly this.
 
 from __future__ import annotations
 
+import os
 import tempfile
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
-
-from megatron_llama.config import LlamaConfig
+from megatron_llama.model.config import LlamaConfig
 from megatron_llama.parallel import ParallelLayout
 
 # Grouped-query attention (2 query heads per group) exercises the per-group QKV layout.
@@ -37,6 +36,9 @@ CASES: dict[str, tuple] = {
     "DP2-overlap-grad-reduce": (ParallelLayout(), "none", {"overlap_grad_reduce": True}),
 }
 
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used
+    import torch
+
 
 def run_case(layout: ParallelLayout, recompute: str = "none", ddp: Optional[dict] = None,
              cfg: LlamaConfig = CHECK_CONFIG) -> dict:
@@ -45,13 +47,14 @@ def run_case(layout: ParallelLayout, recompute: str = "none", ddp: Optional[dict
     Returns this rank's DP rank, mean loss (None off the last pipeline stage) and its
     finalised gradient shards keyed by (pp_rank, vp_stage, tp_rank).
     """
+    import torch
     from megatron.core import parallel_state as ps
 
-    from megatron_llama.config import to_transformer_config
-    from megatron_llama.convert.synthetic import random_meta_state_dict, random_token_batches
-    from megatron_llama.engines.megatron import forward_backward, wrap_ddp
-    from megatron_llama.model import build_model, load_meta_state_dict, local_shards
+    from megatron_llama.model.build import build_model, load_meta_state_dict, local_shards
+    from megatron_llama.model.config import to_transformer_config
+    from megatron_llama.model.synthetic import random_meta_state_dict, random_token_batches
     from megatron_llama.parallel import destroy, initialize
+    from megatron_llama.training.engines.megatron_core import forward_backward, wrap_ddp
 
     weights = random_meta_state_dict(cfg)
     batches = random_token_batches(cfg.vocab_size, N_MICRO, MICRO, SEQ)
@@ -81,7 +84,9 @@ def worker(rank: int, world: int, workdir: str, case_names: list[str]) -> dict:
 
 def merge(case: str, per_rank: list[dict], cfg: LlamaConfig = CHECK_CONFIG):
     """Global loss, Meta-named full gradients and raw shards of one case from all ranks."""
-    from megatron_llama.convert.canonical import megatron_to_meta
+    import torch
+
+    from megatron_llama.model.canonical import megatron_to_meta
 
     layout = CASES[case][0]
     results = [r[case] for r in per_rank]
@@ -96,14 +101,15 @@ def merge(case: str, per_rank: list[dict], cfg: LlamaConfig = CHECK_CONFIG):
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| in float64."""
+
     return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
 
 
 def run_all(case_names: Optional[list[str]] = None, workdir: Optional[str] = None,
             timeout: float = 600.0) -> tuple[dict, list[dict]]:
     """Single-process reference (in this process) and all cases on 2 spawned ranks."""
-    from megatron_llama.convert.canonical import megatron_to_meta
-    from megatron_llama.launch import run_processes
+    from megatron_llama.launch.local import run_processes
+    from megatron_llama.model.canonical import megatron_to_meta
     from megatron_llama.parallel import init_distributed
 
     names = list(case_names or CASES)
@@ -135,3 +141,21 @@ def selfcheck(tolerance: float = 1e-5) -> int:
     print("all layouts match the single-process run" if not failures
           else f"{failures} layout(s) differ beyond {tolerance:g}")
     return failures
+
+
+def cmd_selfcheck(args) -> int:
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")  # the spawned ranks too
+    return 1 if selfcheck(tolerance=args.tolerance) else 0
+
+
+def add_command(subparsers) -> None:
+    """Register `selfcheck`."""
+    check = subparsers.add_parser(
+        "selfcheck", help="prove TP/SP/PP/VP/DP and recompute match a single process",
+        description="Run one forward-backward of a small LLaMA (random seeded weights) in this "
+        "process and under TP=2, TP=2+SP, PP=2 (1F1B), PP=2 with interleaved virtual stages, "
+        "DP=2 and activation recompute on 2 spawned local processes (gloo on CPU), then "
+        "compare the loss and every gradient. Exit code 1 if any layout differs.")
+    check.add_argument("--tolerance", type=float, default=1e-5,
+                       help="largest accepted relative error of loss and gradients (fp32)")
+    check.set_defaults(func=cmd_selfcheck)

@@ -12,8 +12,8 @@ import math
 
 import torch
 
-from megatron_llama.config import LlamaConfig
-from megatron_llama.convert.synthetic import random_meta_state_dict, random_token_batches
+from megatron_llama.model.config import LlamaConfig
+from megatron_llama.model.synthetic import random_meta_state_dict, random_token_batches
 from megatron_llama.selfcheck import relative_error as rel_err  # noqa: F401
 
 # Grouped-query attention (2 query heads per KV group) exercises the per-group QKV layout.

@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from megatron_llama.config import LlamaConfig
+from megatron_llama.bench.planner import PlanLayout, memory_per_gpu
+from megatron_llama.model.config import LlamaConfig
 from megatron_llama.parallel import ParallelLayout
-from megatron_llama.planner import PlanLayout, memory_per_gpu
 
 # dim 256, 4 layers, 4 heads, FFN 704, vocab 4096: activations dominate the step's memory
 CFG = LlamaConfig(dim=256, n_layers=4, n_heads=4, vocab_size=4096, multiple_of=32,
@@ -25,7 +25,7 @@ MEMORY_TOLERANCE = 0.15
 
 
 def _bench(**kw):
-    from megatron_llama.benchmark import BenchConfig
+    from megatron_llama.bench.benchmark import BenchConfig
 
     kw.setdefault("layout", ParallelLayout())
     return BenchConfig(model=CFG, seq_length=SEQ, micro_batch=MICRO, warmup=1, iters=2,
@@ -38,8 +38,8 @@ def _predicted(report, rc, tp=1, sp=False, pp=1):
 
 
 def test_benchmark_report_mfu_memory_and_transformers(megatron_single, tmp_path):
-    from megatron_llama.benchmark import run_benchmark
-    from megatron_llama.benchmark_report import format_report, write_json
+    from megatron_llama.bench.benchmark import run_benchmark
+    from megatron_llama.bench.report import format_report, write_json
 
     report = run_benchmark(_bench(compare_hf=True))
     write_json(report, str(tmp_path / "b.json"))
@@ -85,7 +85,7 @@ def test_benchmark_report_mfu_memory_and_transformers(megatron_single, tmp_path)
 
 
 def test_full_recompute_memory_matches_planner(megatron_single):
-    from megatron_llama.benchmark import run_benchmark
+    from megatron_llama.bench.benchmark import run_benchmark
 
     r = run_benchmark(_bench(recompute="full"))
     measured = r["memory"]["peak_tensor_gb_per_rank"][0] * 1e9
@@ -95,7 +95,7 @@ def test_full_recompute_memory_matches_planner(megatron_single):
 
 def test_two_rank_tp_sp_benchmark_memory(tmp_path):
     """TP=2 + SP on 2 spawned ranks: per-rank memory, the slowest rank's step time."""
-    from megatron_llama.benchmark import run_benchmark
+    from megatron_llama.bench.benchmark import run_benchmark
 
     r = run_benchmark(_bench(layout=ParallelLayout(tp=2, sp=True)))
     assert r["layout"]["world"] == 2 and r["layout"]["sp"]
@@ -115,7 +115,7 @@ def test_benchmark_refuses_illegal_layouts():
 def test_step_gemms_count_every_weight_flop_exactly():
     """6 x (matmul parameters) x tokens: every weight multiplied forward, by the input
     gradient and by the weight gradient; TP shards the shapes, GQA shrinks K and V."""
-    from megatron_llama.gemm_ceiling import step_gemms
+    from megatron_llama.bench.gemm_ceiling import step_gemms
 
     gqa = LlamaConfig(dim=256, n_layers=3, n_heads=8, n_kv_heads=2, vocab_size=4096,
                       multiple_of=32, max_seq_len=256)
@@ -145,7 +145,7 @@ def test_step_gemms_count_every_weight_flop_exactly():
 
 
 def test_measured_gemm_rate_is_flops_over_time():
-    from megatron_llama.gemm_ceiling import Gemm, measure_step_gemms
+    from megatron_llama.bench.gemm_ceiling import Gemm, measure_step_gemms
 
     gemms = [Gemm("a", 64, 32, 48, layout, count) for layout, count in
              (("NT", 2), ("NN", 1), ("TN", 3))]
@@ -157,7 +157,7 @@ def test_measured_gemm_rate_is_flops_over_time():
 def test_gemm_operands_are_stored_as_megatron_core_multiplies():
     """NT: the weight is read transposed (x @ W.t()); NN: both as stored (g @ W); TN: the
     gradient transposed (g.t() @ x). Shapes [m, k] x [k, n] in every layout."""
-    from megatron_llama.gemm_ceiling import Gemm, _operands
+    from megatron_llama.bench.gemm_ceiling import Gemm, _operands
 
     for layout, a_contig, b_contig in (("NT", True, False), ("NN", True, True),
                                        ("TN", False, True)):

@@ -5,10 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_llama.config import LlamaConfig
-from megatron_llama.convert.canonical import (chunk_layers, layer_to_megatron, meta_keys,
-                                              meta_to_megatron, megatron_to_meta,
-                                              rope_to_half_split, rope_to_interleaved)
+from megatron_llama.model.canonical import (
+    chunk_layers,
+    layer_to_megatron,
+    megatron_to_meta,
+    meta_keys,
+    meta_to_megatron,
+    rope_to_half_split,
+    rope_to_interleaved,
+)
+from megatron_llama.model.config import LlamaConfig
 from tests.llama_testing import TINY, random_meta_weights
 
 CFG8 = LlamaConfig(dim=128, n_layers=8, n_heads=8, n_kv_heads=8, vocab_size=200, multiple_of=64)

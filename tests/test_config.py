@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from megatron_llama.config import (PRESETS, ConfigError, LlamaConfig, get_preset,
-                                   to_transformer_config)
+from megatron_llama.errors import ConfigError
+from megatron_llama.model.config import PRESETS, LlamaConfig, get_preset, to_transformer_config
 from megatron_llama.parallel import ParallelLayout
 
 PAPER = {  # preset: (exact parameters with V=32000, SwiGLU width, Meta shards)

@@ -9,8 +9,9 @@ import os
 import pytest
 import torch
 
-from megatron_llama.config import ConfigError, LlamaConfig
 from megatron_llama.convert.run import convert
+from megatron_llama.errors import ConfigError
+from megatron_llama.model.config import LlamaConfig
 from tests.llama_testing import random_batches, random_meta_weights, reference_logits
 from tests.test_convert_meta import read_by_hand, write_by_hand
 

@@ -8,11 +8,11 @@ import os
 import pytest
 import torch
 
-from megatron_llama.config import LlamaConfig
 from megatron_llama.convert.run import convert
-from megatron_llama.launch import run_processes
+from megatron_llama.data.batches import SyntheticTokens
+from megatron_llama.launch.local import run_processes
+from megatron_llama.model.config import LlamaConfig
 from megatron_llama.parallel import ParallelLayout
-from megatron_llama.training.data import SyntheticTokens
 from tests.llama_testing import random_meta_weights, reference_logits
 from tests.test_convert_meta import read_by_hand, write_by_hand
 
@@ -37,7 +37,7 @@ def test_meta_megatron_meta_bit_exact(megatron_single, tmp_path, cfg, shards, tp
 
 
 def test_truncated_megatron_checkpoint_refused_before_writing(megatron_single, tmp_path):
-    from megatron_llama.config import ConfigError
+    from megatron_llama.errors import ConfigError
 
     src = write_by_hand(str(tmp_path / "meta"), CFG, random_meta_weights(CFG), 1)
     convert(src, str(tmp_path / "mcore"), "megatron", progress=False)
@@ -72,9 +72,9 @@ def converted_logits(layout, checkpoint, tokens):
     from megatron.core import dist_checkpointing, tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_llama.config import to_transformer_config
-    from megatron_llama.convert.megatron import read_metadata
-    from megatron_llama.model import build_model
+    from megatron_llama.convert.megatron_checkpoint import read_metadata
+    from megatron_llama.model.build import build_model
+    from megatron_llama.model.config import to_transformer_config
     from megatron_llama.parallel import destroy, init_distributed, initialize
 
     init_distributed()

@@ -10,9 +10,10 @@ import sys
 import pytest
 import torch
 
-from megatron_llama.config import ConfigError, LlamaConfig
 from megatron_llama.convert.meta import MetaCheckpoint
 from megatron_llama.convert.run import convert, detect_format
+from megatron_llama.errors import ConfigError
+from megatron_llama.model.config import LlamaConfig
 from tests.llama_testing import random_meta_weights
 
 CFG = LlamaConfig(dim=128, n_layers=2, n_heads=8, vocab_size=96, multiple_of=32)

@@ -12,13 +12,17 @@ import weakref
 import pytest
 import torch
 
-from megatron_llama.config import LlamaConfig
-from megatron_llama.convert.canonical import META_LAYER_KEYS, layer_index, meta_keys
 from megatron_llama.convert.hf import HFCheckpoint, write_hf
-from megatron_llama.convert.megatron import MegatronCheckpoint, write_megatron
+from megatron_llama.convert.megatron_checkpoint import MegatronCheckpoint, write_megatron
 from megatron_llama.convert.meta import MetaCheckpoint, write_meta
-from megatron_llama.convert.tensorio import (SafetensorsFile, SafetensorsWriter, TorchFileWriter,
-                                             release_pages)
+from megatron_llama.convert.tensorio import (
+    SafetensorsFile,
+    SafetensorsWriter,
+    TorchFileWriter,
+    release_pages,
+)
+from megatron_llama.model.canonical import META_LAYER_KEYS, layer_index, meta_keys
+from megatron_llama.model.config import LlamaConfig
 from tests.llama_testing import random_meta_weights
 from tests.test_convert_meta import write_by_hand
 
@@ -131,7 +135,7 @@ def _peak_rss_mb(argv):
 
 
 def _synthetic(directory, cfg):
-    from megatron_llama.convert.canonical import full_shape
+    from megatron_llama.model.canonical import full_shape
 
     os.makedirs(directory)
     keys = meta_keys(cfg)

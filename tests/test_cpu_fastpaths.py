@@ -45,7 +45,7 @@ def test_cross_entropy_matches_megatron(tp1):
 def test_multi_tensor_scale_is_exact():
     from megatron.core.utils import local_multi_tensor_scale
 
-    from megatron_llama.cpu_fastpaths import _multi_tensor_scale
+    from megatron_llama.compat.cpu_fastpaths import _multi_tensor_scale
 
     torch.manual_seed(0)
     src = [torch.randn(33), torch.randn(4, 5)]
@@ -62,7 +62,7 @@ def test_multi_tensor_scale_is_exact():
 def test_single_rank_collectives_are_skipped_only_when_aliased(tp1):
     import torch.distributed as dist
 
-    from megatron_llama.cpu_fastpaths import _identity_on_one_rank
+    from megatron_llama.compat.cpu_fastpaths import _identity_on_one_rank
 
     calls = []
     wrapped = _identity_on_one_rank(lambda out, inp, **kw: calls.append(kw))

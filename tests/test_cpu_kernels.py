@@ -9,10 +9,10 @@ def test_rotate_halves_matches_megatron_rope():
     from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-    from megatron_llama import platform
-    from megatron_llama.modules import rotate_halves
+    from megatron_llama import compat
+    from megatron_llama.compat.cpu_rope import rotate_halves
 
-    platform.enable_cpu_adapter()  # RotaryEmbedding asks torch.cuda for its device
+    compat.install()  # RotaryEmbedding asks torch.cuda for its device
     torch.manual_seed(0)
     s, b, n, d = 12, 2, 3, 16
     freqs = RotaryEmbedding(d, rotary_percent=1.0, rotary_base=500, use_cpu_initialization=True)(s)
@@ -31,8 +31,8 @@ def test_rotate_halves_matches_megatron_rope():
 
 
 def test_fused_adamw_on_cpu_matches_the_loop():
-    """The fused CPU AdamW switch (`recipe.use_fused_cpu_adamw`) computes the same update."""
-    from megatron_llama.training.recipe import use_fused_cpu_adamw
+    """The fused CPU AdamW switch (`compat.optimizer.use_fused_cpu_adamw`): the same update."""
+    from megatron_llama.compat.optimizer import use_fused_cpu_adamw
 
     class Holder:  # shaped like megatron-core's optimizer wrapper: `.optimizer`
         def __init__(self, opt):

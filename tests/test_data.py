@@ -9,12 +9,12 @@ import os
 import numpy as np
 import pytest
 
-from megatron_llama.config import ConfigError
 from megatron_llama.data.blend import load_blend
 from megatron_llama.data.corpus import build_builtin_corpus
 from megatron_llama.data.indexed import IndexedDatasetWriter, document_count
 from megatron_llama.data.preprocess import preprocess
 from megatron_llama.data.tokenizer import Tokenizer, train_tokenizer
+from megatron_llama.errors import ConfigError
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples")
 

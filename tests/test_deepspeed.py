@@ -8,8 +8,9 @@ import os
 
 import pytest
 
-from megatron_llama.config import ConfigError, LlamaConfig
-from megatron_llama.launch import run_processes
+from megatron_llama.errors import ConfigError
+from megatron_llama.launch.local import run_processes
+from megatron_llama.model.config import LlamaConfig
 from megatron_llama.parallel import ParallelLayout
 from megatron_llama.training.recipe import TrainConfig
 
@@ -81,10 +82,10 @@ def check_conversions(tmp_path):
     import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from megatron_llama.convert.canonical import megatron_to_meta
-    from megatron_llama.convert.deepspeed import DeepSpeedCheckpoint
+    from megatron_llama.convert.deepspeed_checkpoint import DeepSpeedCheckpoint
     from megatron_llama.convert.meta import MetaCheckpoint
     from megatron_llama.convert.run import convert, detect_format
+    from megatron_llama.model.canonical import megatron_to_meta
 
     for stage in (1, 2, 3):
         root = str(tmp_path / f"zero{stage}")
@@ -115,18 +116,20 @@ def check_conversions(tmp_path):
 
 
 def test_deepspeed_layout_refusals():
+    from megatron_llama.training.engines import check
+
     with pytest.raises(ConfigError, match="without pipeline parallelism"):
-        TrainConfig(model=MODEL, layout=ParallelLayout(pp=2), seq_length=32, global_batch=8,
-                    engine="deepspeed").check(2)
+        check(TrainConfig(model=MODEL, layout=ParallelLayout(pp=2), seq_length=32,
+                          global_batch=8, engine="deepspeed"), 2)
     with pytest.raises(ConfigError, match="without --sp"):
-        TrainConfig(model=MODEL, layout=ParallelLayout(tp=2, sp=True), seq_length=32,
-                    global_batch=8, engine="deepspeed").check(2)
+        check(TrainConfig(model=MODEL, layout=ParallelLayout(tp=2, sp=True), seq_length=32,
+                          global_batch=8, engine="deepspeed"), 2)
 
 
 def test_deepspeed_config_from_flags_and_override(tmp_path):
     import json
 
-    from megatron_llama.engines.deepspeed import deepspeed_config
+    from megatron_llama.training.engines.deepspeed_zero import deepspeed_config
 
     cfg = TrainConfig(model=MODEL, seq_length=32, micro_batch=2, global_batch=16, dtype="bf16",
                       clip_grad=0.5, lr=1e-3, adam_beta2=0.95, weight_decay=0.1,
@@ -168,7 +171,7 @@ def test_deepspeed_resume_loads_refuse_pickled_code(tmp_path):
     import torch
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
 
-    from megatron_llama.engines.deepspeed import _WeightsOnlyLoads
+    from megatron_llama.training.engines.deepspeed_zero import _WeightsOnlyLoads
 
     class Inner:
         name = "TorchCheckpointEngine"

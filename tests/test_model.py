@@ -5,15 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_llama.config import PRESETS, to_transformer_config
+from megatron_llama.model.config import PRESETS, to_transformer_config
 from megatron_llama.parallel import ParallelLayout
-from tests.llama_testing import (TINY, TINY_MHA, random_batches, random_meta_weights,
-                                 reference_logits, rel_err)
+from tests.llama_testing import (
+    TINY,
+    TINY_MHA,
+    random_batches,
+    random_meta_weights,
+    reference_logits,
+    rel_err,
+)
 
 
 def build(cfg, weights=None, attention="sdpa", dtype="fp32"):
     """A single-process model with ``weights`` (Meta names) loaded."""
-    from megatron_llama.model import build_model, load_meta_state_dict
+    from megatron_llama.model.build import build_model, load_meta_state_dict
     from megatron_llama.parallel import initialize
 
     initialize(ParallelLayout(), seed=0)

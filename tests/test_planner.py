@@ -6,9 +6,19 @@ import json
 
 import pytest
 
-from megatron_llama.config import PRESETS, ConfigError, LlamaConfig
-from megatron_llama.planner import (GPUS, PlanLayout, activation_units, budget, evaluate,
-                                    legal_layouts, memory_per_gpu, plan, stage_params)
+from megatron_llama.bench.planner import (
+    GPUS,
+    PlanLayout,
+    activation_units,
+    budget,
+    evaluate,
+    legal_layouts,
+    memory_per_gpu,
+    plan,
+    stage_params,
+)
+from megatron_llama.errors import ConfigError
+from megatron_llama.model.config import PRESETS, LlamaConfig
 
 A100 = GPUS["a100-80gb"]
 # Paper, Table 15: (GPU-hours, MWh, tCO2eq)

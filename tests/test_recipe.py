@@ -9,9 +9,10 @@ import sys
 import pytest
 import torch
 
-from megatron_llama.config import PRESETS
+from megatron_llama.model.config import PRESETS
+from megatron_llama.training.engines.megatron_core import build_scheduler
 from megatron_llama.training.metrics import flops_per_token, gpu_peak_tflops
-from megatron_llama.training.recipe import TrainConfig, build_scheduler, lr_at
+from megatron_llama.training.recipe import TrainConfig, lr_at
 
 
 def paper_config(**kw) -> TrainConfig:

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from megatron_llama.config import ConfigError
-from megatron_llama.safe_loading import install, reading
+from megatron_llama.compat.safe_loading import install, reading
+from megatron_llama.errors import ConfigError
 
 
 class _RunsCode:
@@ -85,7 +85,7 @@ def _stack_global_call(module: str, name: str) -> bytes:
 def test_metadata_names_are_exact_no_dotted_paths(tmp_path):
     """Protocol 4 resolves dotted names from any allowed module ("os.getpid" from DCP's
     metadata module); only exact, listed names pass."""
-    from megatron_llama.safe_loading import check_metadata
+    from megatron_llama.compat.safe_loading import check_metadata
 
     path = tmp_path / "c"
     dcp.save(_state(), checkpoint_id=str(path))
@@ -101,7 +101,7 @@ def test_metadata_names_are_exact_no_dotted_paths(tmp_path):
 def test_metadata_pointing_outside_the_checkpoint_is_refused(tmp_path):
     import dataclasses
 
-    from megatron_llama.safe_loading import check_metadata
+    from megatron_llama.compat.safe_loading import check_metadata
 
     path = tmp_path / "c"
     dcp.save(_state(), checkpoint_id=str(path))

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_llama import cli, slurm
+from megatron_llama import cli
+from megatron_llama.launch import slurm
 from tests import slurm_testing
 
 REPO = Path(__file__).resolve().parent.parent

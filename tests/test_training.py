@@ -15,10 +15,10 @@ import time
 
 import pytest
 
-from megatron_llama.config import LlamaConfig
-from megatron_llama.launch import LaunchError, run_processes
+from megatron_llama.launch.local import LaunchError, run_processes
+from megatron_llama.model.config import LlamaConfig
 from megatron_llama.parallel import ParallelLayout
-from megatron_llama.training import checkpoint
+from megatron_llama import checkpoint_files as checkpoint
 from megatron_llama.training.loop import NAN_TEST_ENV, SIGKILL_TEST_ENV
 from megatron_llama.training.recipe import TrainConfig
 
@@ -203,7 +203,7 @@ def test_log_records_wandb_and_plot(megatron_single, tmp_path):
 
 
 def test_checkpoint_of_another_model_refused(runs, megatron_single, tmp_path):
-    from megatron_llama.config import ConfigError
+    from megatron_llama.errors import ConfigError
     from megatron_llama.training.loop import pretrain
 
     _, _, workdir = runs

@@ -32,10 +32,10 @@ def main() -> None:
 
     import torch
 
-    from megatron_llama.config import LlamaConfig, to_transformer_config
-    from megatron_llama.engines.megatron import forward_backward, wrap_ddp
-    from megatron_llama.model import build_model
+    from megatron_llama.model.build import build_model
+    from megatron_llama.model.config import LlamaConfig, to_transformer_config
     from megatron_llama.parallel import ParallelLayout, init_distributed, initialize
+    from megatron_llama.training.engines.megatron_core import forward_backward, wrap_ddp
 
     cfg = LlamaConfig(dim=args.dim, n_layers=args.layers, n_heads=args.dim // 64,
                       vocab_size=8192, multiple_of=32, max_seq_len=args.seq)

@@ -34,9 +34,9 @@ def make_synthetic_meta(directory: str, layers: int | None) -> None:
     leaves a truncated checkpoint that the next run would take as its input."""
     from tqdm import tqdm
 
-    from megatron_llama.config import get_preset
-    from megatron_llama.convert.canonical import full_shape, meta_keys
     from megatron_llama.convert.tensorio import TorchFileWriter
+    from megatron_llama.model.canonical import full_shape, meta_keys
+    from megatron_llama.model.config import get_preset
 
     cfg = get_preset("7B").model
     if layers:
@@ -75,7 +75,7 @@ def same_weights(a: str, b: str) -> bool:
     from megatron_llama.convert.meta import MetaCheckpoint
 
     x, y = MetaCheckpoint(a), MetaCheckpoint(b)
-    from megatron_llama.convert.canonical import meta_keys
+    from megatron_llama.model.canonical import meta_keys
 
     return all(torch.equal(x.tensor(k), y.tensor(k)) for k in meta_keys(x.config))
 

@@ -17,12 +17,18 @@ from typing import Optional
 
 import torch
 
-from megatron_llama.config import ConfigError, LlamaConfig, read_json_object
-from megatron_llama.fileio import write_json
-from megatron_llama.convert.canonical import (META_LAYER_KEYS, full_shape, meta_keys,
-                                               rope_to_half_split, rope_to_interleaved)
 from megatron_llama.convert.source import WeightSource
 from megatron_llama.convert.tensorio import SafetensorsFile, SafetensorsWriter
+from megatron_llama.errors import ConfigError, read_json_object
+from megatron_llama.fileio import write_json
+from megatron_llama.model.canonical import (
+    META_LAYER_KEYS,
+    full_shape,
+    meta_keys,
+    rope_to_half_split,
+    rope_to_interleaved,
+)
+from megatron_llama.model.config import LlamaConfig
 
 LAYER_NAMES = {"attention.wq.weight": "self_attn.q_proj.weight",
                "attention.wk.weight": "self_attn.k_proj.weight",
@@ -133,16 +139,15 @@ def write_hf(output: str, source: WeightSource, *, dtype: Optional[torch.dtype] 
     """Write a Hugging Face directory from any reader, streamed tensor by tensor (atomic)."""
     from tqdm import tqdm
 
-    from megatron_llama.convert.meta import commit_output, prepare_output
+    from megatron_llama.fileio import staged_directory
 
     cfg = source.config
     dtype = dtype or source.dtype
     plan = _file_plan(cfg, dtype, max_shard_bytes)
     names = (["model.safetensors"] if len(plan) == 1 else
              [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
-    tmp = prepare_output(output, force)
-    bar = tqdm(total=cfg.n_layers, unit="layer", desc="hf", disable=not progress)
-    try:
+    with staged_directory(output, force) as tmp, \
+            tqdm(total=cfg.n_layers, unit="layer", desc="hf", disable=not progress) as bar:
         for name, keys in zip(names, plan):
             writer = SafetensorsWriter(os.path.join(tmp, name),
                                        [(hf_name(k), full_shape(k, cfg), dtype) for k in keys])
@@ -163,12 +168,6 @@ def write_hf(output: str, source: WeightSource, *, dtype: Optional[torch.dtype] 
                         "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True,
                         "add_eos_token": False, "legacy": True},
                        os.path.join(tmp, "tokenizer_config.json"))
-        commit_output(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        bar.close()
     return output
 
 

@@ -6,7 +6,7 @@ Shard files are opened with ``torch.load(mmap=True, weights_only=True)``: nothin
 until a tensor is used, and a pickle that would run code is refused. Every problem is found
 before any output is written and reported in one line naming the file.
 
-Tensors are merged across shards by the table in LLAMA_FACTS.md (`SPLIT_DIM`); norms are
+Tensors are merged across shards by the table in docs/checkpoint-formats.md (`SPLIT_DIM`); norms are
 replicated. The writer streams each shard file tensor by tensor (memory: about one full
 tensor), into a temporary directory renamed into place when complete. Pages of the mapped
 inputs are released as soon as they are copied, so reading a 13 GB shard does not leave
@@ -19,16 +19,22 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 from typing import Optional
 
 import torch
 
-from megatron_llama.config import ConfigError, LlamaConfig
-from megatron_llama.convert.canonical import (full_shape, layer_index, meta_keys, shard_shape,
-                                               split_dim)
 from megatron_llama.convert.source import WeightSource
 from megatron_llama.convert.tensorio import TorchFileWriter, release_pages
+from megatron_llama.errors import ConfigError
+from megatron_llama.fileio import staged_directory
+from megatron_llama.model.canonical import (
+    full_shape,
+    layer_index,
+    meta_keys,
+    shard_shape,
+    split_dim,
+)
+from megatron_llama.model.config import LlamaConfig
 
 SHARD_RE = re.compile(r"^consolidated\.(\d{2})\.pth$")
 
@@ -145,31 +151,6 @@ def _copy_out(mapped: torch.Tensor, view: Optional[torch.Tensor] = None) -> torc
     return out
 
 
-def prepare_output(output: str, force: bool) -> str:
-    """Refuse an existing output unless ``force``; returns a fresh temporary sibling dir."""
-    if os.path.exists(output) and not force:
-        raise ConfigError(f"{output}: already exists (pass --force to replace it)")
-    if os.path.exists(output) and not os.path.isdir(output):
-        raise ConfigError(f"{output}: is a file; the output is a directory")
-    parent = os.path.dirname(os.path.abspath(output)) or "."
-    os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(output)}.tmp-")
-
-
-def commit_output(tmp: str, output: str) -> None:
-    """Move a complete temporary output into place (replacing an old one).
-
-    The old output is first renamed aside and deleted only after the new one is in place,
-    so a crash at any point leaves one complete copy under ``output`` or its aside name."""
-    if not os.path.exists(output):
-        os.replace(tmp, output)
-        return
-    aside = f"{tmp}.old"
-    os.replace(output, aside)
-    os.replace(tmp, output)
-    shutil.rmtree(aside)
-
-
 def write_meta(output: str, source: WeightSource, shards: int,
                dtype: Optional[torch.dtype] = None, force: bool = False,
                progress: bool = False) -> str:
@@ -185,10 +166,9 @@ def write_meta(output: str, source: WeightSource, shards: int,
     if cfg.n_heads % shards or cfg.num_kv_heads % shards:
         raise ConfigError(f"cannot write {shards} shards: {cfg.n_heads} heads / "
                           f"{cfg.num_kv_heads} KV heads are not divisible")
-    tmp = prepare_output(output, force)
     keys = meta_keys(cfg)
-    bar = tqdm(total=shards * cfg.n_layers, unit="layer", desc="meta", disable=not progress)
-    try:
+    with staged_directory(output, force) as tmp, \
+            tqdm(total=shards * cfg.n_layers, unit="layer", desc="meta", disable=not progress) as bar:
         for r in range(shards):
             path = os.path.join(tmp, f"consolidated.{r:02d}.pth")
             writer = TorchFileWriter(path, [(k, shard_shape(k, cfg, shards), dtype) for k in keys])
@@ -201,10 +181,4 @@ def write_meta(output: str, source: WeightSource, shards: int,
         cfg.to_params_json(os.path.join(tmp, "params.json"))
         if source.tokenizer:
             shutil.copyfile(source.tokenizer, os.path.join(tmp, "tokenizer.model"))
-        commit_output(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        bar.close()
     return output

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from megatron_llama.config import ConfigError
+from megatron_llama.checkpoint_files import is_deepspeed_root, is_megatron_root
+from megatron_llama.errors import ConfigError
 
 if TYPE_CHECKING:
     from megatron_llama.convert.source import WeightSource
@@ -31,10 +32,8 @@ def detect_format(path: str) -> str:
     names = set(os.listdir(path))
     if "params.json" in names and any(n.startswith("consolidated.") for n in names):
         return "meta"
-    if "latest_checkpointed_iteration.txt" in names:
+    if is_megatron_root(path):
         return "megatron"
-    from megatron_llama.convert.deepspeed import is_deepspeed_root
-
     if is_deepspeed_root(path):
         return "deepspeed"
     if "config.json" in names and any(n.endswith((".safetensors", ".bin")) for n in names):
@@ -56,10 +55,10 @@ def open_source(path: str) -> "WeightSource":
 
         return HFCheckpoint(path)
     if source == "deepspeed":
-        from megatron_llama.convert.deepspeed import DeepSpeedCheckpoint
+        from megatron_llama.convert.deepspeed_checkpoint import DeepSpeedCheckpoint
 
         return DeepSpeedCheckpoint(path)
-    from megatron_llama.convert.megatron import MegatronCheckpoint
+    from megatron_llama.convert.megatron_checkpoint import MegatronCheckpoint
 
     return MegatronCheckpoint(path)
 
@@ -99,7 +98,7 @@ def convert(input_dir: str, output_dir: str, to: str, *, shards: Optional[int] =
             write_hf(output_dir, source, dtype=out_dtype, force=force, progress=progress)
             target = "Hugging Face LlamaForCausalLM"
         else:
-            from megatron_llama.convert.megatron import write_megatron
+            from megatron_llama.convert.megatron_checkpoint import write_megatron
 
             write_megatron(output_dir, source, dtype=out_dtype, tp=tp, pp=pp, force=force,
                            progress=progress)

@@ -12,8 +12,8 @@ from typing import Optional
 
 import torch
 
-from megatron_llama.config import LlamaConfig
-from megatron_llama.convert.canonical import split_dim
+from megatron_llama.model.canonical import split_dim
+from megatron_llama.model.config import LlamaConfig
 
 
 class WeightSource:

@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from megatron_llama.config import ConfigError
+from megatron_llama.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,8 @@ def build_gpt_datasets(blend: DataBlend, *, vocab_size: int, eod: int, seq_lengt
                        cache_dir: Optional[str] = None):
     """(train, valid, test) megatron-core datasets of ``samples`` sequences each."""
     from megatron.core.datasets.blended_megatron_dataset_builder import (
-        BlendedMegatronDatasetBuilder)
+        BlendedMegatronDatasetBuilder,
+    )
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     blend.check_files()

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterator, Optional
 
-from megatron_llama.config import ConfigError
+from megatron_llama.errors import ConfigError
 
 KINDS = {".txt": "txt", ".txt.gz": "txt", ".jsonl": "jsonl", ".jsonl.gz": "jsonl",
          ".json": "jsonl", ".json.gz": "jsonl"}

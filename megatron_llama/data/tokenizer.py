@@ -17,8 +17,8 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from megatron_llama.config import ConfigError
 from megatron_llama.data.sources import iter_documents
+from megatron_llama.errors import ConfigError
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 

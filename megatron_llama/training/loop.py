@@ -1,8 +1,8 @@
 """The pretraining loop: one engine, the paper's schedule, logs, checkpoints, signals.
 
-The engine is megatron-core's (DDP + distributed optimizer + the layout's schedule:
-`engines.megatron.MegatronEngine`) or DeepSpeed's (`engines.deepspeed.DeepSpeedEngine`);
-both train the same megatron-core model on the same data. Per iteration: run forward and
+The loop knows one interface, `training.engines.base.Engine`: megatron-core's (DDP +
+distributed optimizer + the layout's schedule) or DeepSpeed's ZeRO, both around the same
+megatron-core model on the same data. Per iteration: run forward and
 backward over the global batch's microbatches, agree on
 the loss and on pending signals across all ranks (one small all-reduce), skip the update
 (or stop) if the loss is not finite, otherwise advance the lr schedule and step the
@@ -20,7 +20,8 @@ from dataclasses import asdict
 
 import torch
 
-from megatron_llama.config import ConfigError, to_transformer_config
+from megatron_llama.errors import ConfigError
+from megatron_llama.model.config import to_transformer_config
 from megatron_llama.training.recipe import TrainConfig
 
 _signal_received = {"value": 0}
@@ -40,8 +41,9 @@ class NonFiniteLoss(RuntimeError):
 def pretrain(cfg: TrainConfig) -> dict:
     """Run (or resume) pretraining; returns a summary (last step, losses, status)."""
     from megatron_llama.parallel import destroy, init_distributed, initialize, launcher_world_size
+    from megatron_llama.training import engines
 
-    cfg.check(launcher_world_size())  # refuse impossible layouts before any work
+    engines.check(cfg, launcher_world_size())  # refuse impossible layouts before any work
     tokenizer = _load_tokenizer(cfg)
     if cfg.data_blend is not None:  # a bad --data fails now, before the model is built
         from megatron_llama.data.blend import load_blend
@@ -59,20 +61,14 @@ def _train(cfg: TrainConfig, tokenizer, rank: int, world: int) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megatron_llama.engines.megatron import MegatronEngine
-    from megatron_llama.model import build_model
-    from megatron_llama.training.data import build_train_data
-    from megatron_llama.training.metrics import (RunLog, flops_per_token, memory_gb,
-                                                 peak_tflops)
+    from megatron_llama.data.batches import build_train_data
+    from megatron_llama.model.build import build_model
+    from megatron_llama.training.engines import create_engine
+    from megatron_llama.training.metrics import RunLog, flops_per_token, memory_gb, peak_tflops
 
     tconfig = to_transformer_config(cfg.model, cfg.layout, dtype=cfg.dtype, recompute=cfg.recompute)
     chunks = build_model(cfg.model, tconfig)
-    if cfg.engine == "deepspeed":
-        from megatron_llama.engines.deepspeed import DeepSpeedEngine
-
-        engine = DeepSpeedEngine(cfg, chunks[0], ps.get_data_parallel_world_size())
-    else:
-        engine = MegatronEngine(cfg, chunks, tconfig)
+    engine = create_engine(cfg, chunks, tconfig)
     state = {"iteration": 0, "consumed_samples": 0, "updates": 0, "skipped": 0}
     if cfg.load_dir:
         loaded = engine.load(cfg.load_dir, expected_model=_checkpoint_metadata(cfg)["model"])
@@ -90,7 +86,7 @@ def _train(cfg: TrainConfig, tokenizer, rank: int, world: int) -> dict:
     tokens_per_step = cfg.global_batch * cfg.seq_length
     if rank == 0:
         print(f"pretraining {cfg.model.num_params():,} parameters, "
-              f"{cfg.layout.describe(world)}, engine {_describe_engine(cfg)}, "
+              f"{cfg.layout.describe(world)}, engine {engine.describe()}, "
               f"{data.num_microbatches} microbatches of "
               f"{cfg.micro_batch} x {cfg.seq_length}, {cfg.dtype}, peak {peak:.3f} TFLOP/s "
               f"({peak_source}); starting at step {state['iteration'] + 1}", flush=True)
@@ -109,7 +105,7 @@ def _train(cfg: TrainConfig, tokenizer, rank: int, world: int) -> dict:
             loss, stop_signal = _agree(local, _signal_received["value"])
             record = {"step": it}
             if math.isfinite(loss):
-                record["grad_norm"] = engine.update(state["updates"] + 1)
+                record["grad_norm"] = engine.step(state["updates"] + 1)
                 state["updates"] += 1
             else:
                 state["skipped"] += 1
@@ -188,12 +184,6 @@ def _evaluate(engine, data, cfg: TrainConfig, log, step: int) -> None:
     loss, _ = _agree(engine.evaluate(batches), 0)
     log.write({"step": step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))},
               echo=f"step {step:>6} | validation loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.2f}")
-
-
-def _describe_engine(cfg: TrainConfig) -> str:
-    if cfg.engine == "deepspeed":
-        return f"DeepSpeed ZeRO-{cfg.zero_stage}" + (" (optimizer offload)" if cfg.offload_optimizer else "")
-    return "megatron-core (DDP + distributed optimizer)"
 
 
 def _format(r: dict) -> str:

@@ -15,7 +15,7 @@ import resource
 import time
 from typing import Optional
 
-from megatron_llama.config import LlamaConfig
+from megatron_llama.model.config import LlamaConfig
 
 # Dense bf16 peak TFLOP/s per GPU (no sparsity).
 GPU_PEAK_TFLOPS = {"a100": 312.0, "h100": 989.0, "h200": 989.0, "h800": 989.0, "a800": 312.0,

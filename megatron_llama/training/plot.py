@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from megatron_llama.config import ConfigError
+from megatron_llama.errors import ConfigError
 
 
 def read_log(path: str) -> list[dict]:

@@ -1,64 +1,118 @@
-"""The paper's training recipe: run configuration, AdamW, and the warmup + cosine schedule.
+"""The paper's training recipe: the run configuration and the warmup + cosine schedule.
 
-Paper (section 2.2): AdamW with beta1 0.9, beta2 0.95, weight decay 0.1, gradient clipping
-1.0, 2000 warmup steps, cosine decay to 10 % of the peak learning rate, batches of 4M
-tokens, peak lr per model size (Table 2). Every default here follows that and every one is
-overridable from the command line.
+Paper (section 2.3, docs/llama-paper.md): AdamW with beta1 0.9, beta2 0.95, weight decay 0.1,
+gradient clipping 1.0, 2000 warmup steps, cosine decay to 10 % of the peak learning rate,
+batches of 4M tokens, peak lr per model size (Table 2). Every default here follows that.
+
+Each `TrainConfig` field carries its command-line help in its metadata (`option`), so its
+default and its explanation are written once: `training.commands` builds the `pretrain` flags
+from these fields. The engines read this module (the configuration and `lr_at`); it imports
+no engine.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
-from megatron_llama.config import ConfigError, LlamaConfig, Preset
+from megatron_llama.errors import ConfigError
+from megatron_llama.model.config import LlamaConfig, Preset
 from megatron_llama.parallel import ParallelLayout
+
+ENGINES = ("megatron", "deepspeed")  # implemented in training/engines/
+
+
+def option(default: Any, help: str, *, group: str, flag: Optional[str] = None,
+           choices: Optional[tuple] = None, derived: bool = False) -> Any:
+    """A `TrainConfig` field with its command-line flag.
+
+    ``help`` explains the flag; the default is appended as "(default)" unless ``derived``:
+    the CLI then leaves the value unset (None) and `training.commands` derives it from the
+    preset or the host, as ``help`` says. ``flag`` overrides the name made from the field's
+    (``warmup_steps`` -> ``--warmup-steps``)."""
+    return field(default=default, metadata={"help": help, "group": group, "flag": flag,
+                                            "choices": choices, "derived": derived})
+
+
+# The flag groups of `pretrain --help`, in order (model and parallelism come from LlamaConfig
+# and ParallelLayout, see `training.commands`).
+GROUPS = {
+    "engine": "engine",
+    "recipe": "recipe (defaults: the paper's)",
+    "data": "data",
+    "checkpoints": "checkpoints",
+    "logging": "evaluation and logging",
+}
 
 
 @dataclass
 class TrainConfig:
-    """Everything one pretraining run needs; filled by the CLI or by tests."""
+    """Everything one pretraining run needs; filled by the CLI (`training.commands`) or tests."""
 
     model: LlamaConfig
     layout: ParallelLayout = field(default_factory=ParallelLayout)
-    seq_length: int = 2048
-    micro_batch: int = 1
-    global_batch: int = 2048          # sequences; 2048 x 2048 = 4M tokens
-    train_steps: int = 1000
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1         # cosine decays to 10 % of the peak
-    warmup_steps: int = 2000
-    weight_decay: float = 0.1         # not applied to norm weights (1-D parameters)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    dtype: str = "bf16"               # model params/compute; main weights are fp32
-    recompute: str = "none"           # none | selective | full
-    seed: int = 1234
+    seq_length: int = option(2048, "tokens per sequence (default: the model's max_seq_len)",
+                             group="recipe", derived=True)
+    micro_batch: int = option(1, "sequences per microbatch", group="recipe")
+    global_batch: int = option(2048, "sequences per step (default: 4M tokens / seq-length)",
+                               group="recipe", derived=True)  # 2048 x 2048 = 4M tokens
+    train_steps: int = option(1000, "optimizer steps (default: the preset's token budget / "
+                              "global batch)", group="recipe", derived=True)
+    lr: float = option(3e-4, "peak learning rate (default: the preset's)", group="recipe",
+                       derived=True)
+    min_lr_ratio: float = option(0.1, "cosine floor / peak", group="recipe")
+    warmup_steps: int = option(2000, "linear warmup steps", group="recipe")
+    weight_decay: float = option(0.1, "AdamW decay, not on norms (1-D parameters)",
+                                 group="recipe")
+    adam_beta1: float = option(0.9, "AdamW beta1", group="recipe")
+    adam_beta2: float = option(0.95, "AdamW beta2", group="recipe")
+    adam_eps: float = option(1e-8, "AdamW epsilon", group="recipe")
+    clip_grad: float = option(1.0, "gradient norm clipping", group="recipe")
+    dtype: str = option("bf16", "parameter/compute precision; main weights stay fp32 (default: "
+                        "bf16 on GPU, fp32 on CPU where bf16 is ~20x slower)", group="recipe",
+                        choices=("bf16", "fp16", "fp32"), derived=True)
+    recompute: str = option("none", "activation recompute", group="recipe",
+                            choices=("none", "selective", "full"))
+    seed: int = option(1234, "random seed", group="recipe")
     # data
-    data_blend: Optional[str] = None  # YAML blend; None = synthetic tokens
-    tokenizer: Optional[str] = None
+    data_blend: Optional[str] = option(None, "blend YAML (see `megatron-llama preprocess`)",
+                                       group="data", flag="--data")
+    tokenizer: Optional[str] = option(None, "SentencePiece model of the data", group="data")
     # checkpoints
-    save_dir: Optional[str] = None
-    save_interval: int = 0            # 0 = only at the end and on signals
-    load_dir: Optional[str] = None
+    save_dir: Optional[str] = option(None, "checkpoint directory (dist_checkpointing)",
+                                     group="checkpoints", flag="--save")
+    save_interval: int = option(0, "save every N steps; 0 = only at the end and on "
+                                "SIGTERM/SIGUSR1", group="checkpoints")
+    load_dir: Optional[str] = option(None, "resume from the latest checkpoint here (default: "
+                                     "--save, if it has one)", group="checkpoints",
+                                     flag="--load", derived=True)
     # evaluation and logging
-    eval_interval: int = 0
-    eval_iters: int = 4
-    log_interval: int = 1
-    log_file: Optional[str] = None    # JSONL; default <save_dir>/log.jsonl
-    wandb_project: Optional[str] = None
-    wandb_run: Optional[str] = None
-    peak_tflops: Optional[float] = None  # per GPU; None = known GPU table / CPU measurement
-    nan_policy: str = "skip"          # skip | stop
-    exit_after_steps: Optional[int] = None  # stop (with a checkpoint) after this many steps
+    eval_interval: int = option(0, "validate every N steps; 0 = never", group="logging")
+    eval_iters: int = option(4, "validation global batches", group="logging")
+    log_interval: int = option(1, "log every N steps", group="logging")
+    log_file: Optional[str] = option(None, "JSONL log (default <save>/log.jsonl)",
+                                     group="logging")
+    wandb_project: Optional[str] = option(None, "log to wandb (offline unless WANDB_API_KEY "
+                                          "is set)", group="logging")
+    wandb_run: Optional[str] = option(None, "wandb run name", group="logging")
+    peak_tflops: Optional[float] = option(None, "peak TFLOP/s per device for MFU (default: "
+                                          "known GPU, or CPU measured)", group="logging")
+    nan_policy: str = option("skip", "a non-finite loss skips the update or stops the run",
+                             group="logging", flag="--on-nan", choices=("skip", "stop"))
+    exit_after_steps: Optional[int] = option(None, "save and exit after this many steps of "
+                                             "this process", group="logging")
     # engine: megatron-core DDP + distributed optimizer, or DeepSpeed ZeRO
-    engine: str = "megatron"          # megatron | deepspeed
-    zero_stage: int = 1               # DeepSpeed ZeRO stage 1, 2 or 3
-    offload_optimizer: bool = False   # DeepSpeed: optimizer states and step on the CPU
-    deepspeed_config: Optional[str] = None  # JSON merged over the generated DeepSpeed config
+    engine: str = option("megatron", "megatron: megatron-core DDP + distributed optimizer (all "
+                         "layouts); deepspeed: DeepSpeed ZeRO data parallelism around the same "
+                         "model (TP without SP; no PP)", group="engine", choices=ENGINES)
+    zero_stage: int = option(1, "DeepSpeed ZeRO stage: 1 shards optimizer states, 2 also "
+                             "gradients, 3 also parameters", group="engine", choices=(1, 2, 3))
+    offload_optimizer: bool = option(False, "DeepSpeed: keep optimizer states on the CPU and "
+                                     "step there", group="engine")
+    deepspeed_config: Optional[str] = option(None, "DeepSpeed JSON merged over the config "
+                                             "generated from these flags", group="engine")
 
     @property
     def min_lr(self) -> float:
@@ -70,7 +124,8 @@ class TrainConfig:
         return max(0, min(self.warmup_steps, self.train_steps - 1))
 
     def check(self, world_size: int) -> None:
-        """Refuse impossible runs before any work, with one line."""
+        """Refuse impossible runs before any work, with one line (the engine-agnostic rules;
+        `training.engines.check` adds the chosen engine's own)."""
         self.layout.check(self.model, world_size, self.micro_batch, self.global_batch)
         if self.seq_length > self.model.max_seq_len:
             raise ConfigError(f"seq_length {self.seq_length} exceeds the model's max_seq_len "
@@ -81,12 +136,8 @@ class TrainConfig:
             raise ConfigError(f"nan policy must be skip or stop, got {self.nan_policy!r}")
         if self.train_steps < 1:
             raise ConfigError("train steps must be >= 1")
-        if self.engine not in ("megatron", "deepspeed"):
-            raise ConfigError(f"engine must be megatron or deepspeed, got {self.engine!r}")
-        if self.engine == "deepspeed":
-            from megatron_llama.engines.deepspeed import check
-
-            check(self)
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine must be {' or '.join(ENGINES)}, got {self.engine!r}")
 
     @classmethod
     def from_preset(cls, preset: Preset, **overrides) -> "TrainConfig":
@@ -99,10 +150,16 @@ class TrainConfig:
         return cls(model=model, **defaults)
 
 
+def cli_fields() -> list[dataclasses.Field]:
+    """The `TrainConfig` fields that are command-line flags, in declaration order."""
+    return [f for f in dataclasses.fields(TrainConfig) if "help" in f.metadata]
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """The paper's schedule in closed form: linear warmup, then cosine to min_lr.
 
-    ``step`` counts optimizer updates from 1. Used to check megatron-core's scheduler.
+    ``step`` counts optimizer updates from 1. The DeepSpeed engine sets it on the optimizer;
+    the tests check megatron-core's scheduler against it.
     """
     if cfg.warmup > 0 and step <= cfg.warmup:
         return cfg.lr * step / cfg.warmup
@@ -110,111 +167,3 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.min_lr
     progress = (step - cfg.warmup) / (cfg.train_steps - cfg.warmup)
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
-
-
-def build_optimizer(chunks: list, cfg: TrainConfig):
-    """megatron-core's distributed AdamW (fp32 main params, grads and states) for ``chunks``."""
-    import torch
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    config = OptimizerConfig(
-        optimizer="adam",
-        lr=cfg.lr,
-        min_lr=cfg.min_lr,
-        weight_decay=cfg.weight_decay,   # megatron-core skips 1-D params (norms) itself
-        adam_beta1=cfg.adam_beta1,
-        adam_beta2=cfg.adam_beta2,
-        adam_eps=cfg.adam_eps,
-        clip_grad=cfg.clip_grad,
-        bf16=cfg.dtype == "bf16",
-        fp16=cfg.dtype == "fp16",
-        params_dtype=dtypes[cfg.dtype],
-        use_distributed_optimizer=True,
-    )
-    from megatron_llama.engines.optimizer_fix import fix_distributed_optimizer
-
-    optimizer = get_megatron_optimizer(config, chunks)
-    fix_distributed_optimizer(optimizer)  # megatron-core 0.16.1 resume bugs without TE/apex
-    if not torch.cuda.is_available():
-        use_fused_cpu_adamw(optimizer)
-    skip_fp32_self_copies(optimizer)
-    return optimizer
-
-
-def skip_fp32_self_copies(optimizer) -> int:
-    """Drop the distributed optimizer's copy of fp32 main shards onto themselves.
-
-    With fp32 model weights megatron-core's main "copies" are views of the weights, yet after
-    every step ``_copy_main_params_to_model_params`` copies each shard onto the very same
-    memory: one pointless pass over all weights per step (fp32 is the CPU default). When
-    every fp32 pair shares memory and there are no 16-bit groups, the copy is skipped for
-    that optimizer; anything else keeps megatron-core's method. Returns how many were changed.
-    """
-    from megatron_llama.engines.optimizer_fix import _distributed_optimizers
-
-    changed = 0
-    for dist_opt in _distributed_optimizers(optimizer):
-        if any(g for g in getattr(dist_opt, "model_float16_groups", [[]]) if g):
-            continue
-        pairs = []
-        for shard_group, model_group in zip(dist_opt.shard_fp32_groups, dist_opt.model_fp32_groups):
-            for shard_main, model_param in zip(shard_group, model_group):
-                gbuf, _, bucket = dist_opt.model_param_gbuf_map[model_param]
-                world = dist_opt._get_model_param_range_map(model_param)["gbuf_world_in_bucket"]
-                target = dist_opt.buffers[gbuf].buckets[bucket].param_data.view(-1)[
-                    world.start:world.end]
-                pairs.append(target.data_ptr() == shard_main.data_ptr())
-        if pairs and all(pairs):
-            dist_opt._copy_main_params_to_model_params = lambda: None
-            changed += 1
-    return changed
-
-
-def use_fused_cpu_adamw(optimizer) -> int:
-    """Switch torch AdamW inside megatron-core's optimizer to torch's fused CPU kernel.
-
-    megatron-core builds ``torch.optim.AdamW`` without ``fused`` when TE/apex are absent, so
-    on CPU every parameter shard takes the per-tensor Python loop (~10 elementwise passes
-    over the fp32 states: ~9 % of a step at 60M parameters). The fused kernel does the same
-    update in one pass per tensor. The flag is read at every ``step()``; the eagerly created
-    state (0-d float32 ``step`` on the CPU) is what the fused path expects. Returns the
-    number of torch optimizers switched.
-    """
-    import torch
-
-    switched = 0
-    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(part, "optimizer", None)
-        if not isinstance(inner, torch.optim.AdamW) or inner.defaults.get("differentiable"):
-            continue
-        if any(p.is_cuda for g in inner.param_groups for p in g["params"]):
-            continue
-        inner.defaults.update(fused=True, foreach=None)
-        for group in inner.param_groups:
-            group.update(fused=True, foreach=None)
-        switched += 1
-    return switched
-
-
-def build_scheduler(optimizer, cfg: TrainConfig):
-    """megatron-core's OptimizerParamScheduler with the paper's warmup + cosine shape.
-
-    The training loop calls ``scheduler.step(1)`` before each optimizer step, so update k
-    uses ``lr_at(k)`` (the first update is not wasted at lr 0).
-    """
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    return OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0,
-        max_lr=cfg.lr,
-        min_lr=cfg.min_lr,
-        lr_warmup_steps=cfg.warmup,
-        lr_decay_steps=max(cfg.train_steps, cfg.warmup + 1),
-        lr_decay_style="cosine",
-        start_wd=cfg.weight_decay,
-        end_wd=cfg.weight_decay,
-        wd_incr_steps=max(cfg.train_steps, 1),
-        wd_incr_style="constant",
-    )

@@ -1,0 +1,87 @@
+"""`megatron-llama corpus | train-tokenizer | preprocess`: the data stage's commands."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def cmd_corpus(args: argparse.Namespace) -> int:
+    from megatron_llama.data.corpus import build_builtin_corpus
+
+    paths = build_builtin_corpus(args.output, max_code_bytes=int(args.max_code_mb * 2**20))
+    for name, path in paths.items():
+        print(f"{name:<6} {path}")
+    return 0
+
+
+def cmd_train_tokenizer(args: argparse.Namespace) -> int:
+    from megatron_llama.data.tokenizer import Tokenizer, train_tokenizer
+
+    model = train_tokenizer(args.input, args.output_prefix, vocab_size=args.vocab_size,
+                            text_key=args.text_key, max_sentences=args.max_sentences,
+                            num_threads=args.threads, progress=not args.no_progress)
+    tok = Tokenizer(model)
+    print(f"wrote {model} (vocab {tok.vocab_size}, unk={tok.unk_id} bos={tok.bos_id} "
+          f"eos={tok.eos_id}, digits split, byte fallback)")
+    return 0
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from megatron_llama.data.preprocess import preprocess
+
+    stats = preprocess(args.input, args.output_prefix, args.tokenizer, workers=args.workers,
+                       text_key=args.text_key, add_bos=args.add_bos,
+                       progress=not args.no_progress)
+    print(f"wrote {args.output_prefix}.bin/.idx: {stats.summary()}")
+    for record in stats.bad_examples:
+        print(f"  skipped {record}")
+    if stats.bad_total > len(stats.bad_examples):
+        print(f"  ... all {stats.bad_total:,} listed in {args.output_prefix}.skipped.txt")
+    return 0
+
+
+def add_command(subparsers) -> None:
+    """Register `corpus`, `train-tokenizer` and `preprocess`."""
+    corpus = subparsers.add_parser(
+        "corpus", help="write the built-in corpus (no download): stdlib code + pydoc prose",
+        description="Write code.jsonl (the Python standard library's source files), prose.jsonl "
+        "(pydoc_data.topics, the language reference) and blend.yaml weighting the two.")
+    corpus.add_argument("--output", required=True, help="directory to write into")
+    corpus.add_argument("--max-code-mb", type=float, default=8.0,
+                        help="cap on the code source's size in MiB (default 8)")
+    corpus.set_defaults(func=cmd_corpus)
+
+    tok = subparsers.add_parser(
+        "train-tokenizer", help="train a SentencePiece BPE tokenizer with the paper's settings",
+        description="Train SentencePiece BPE as the LLaMA paper did: numbers split into digits, "
+        "byte fallback for unknown UTF-8, identity normalisation (text round-trips exactly), "
+        "ids unk=0 bos=1 eos=2. Writes <prefix>.model and <prefix>.vocab when done.")
+    tok.add_argument("--input", nargs="+", required=True,
+                     help=".txt (one document per line), .jsonl or .jsonl.gz files")
+    tok.add_argument("--output-prefix", required=True, help="writes <prefix>.model/.vocab")
+    tok.add_argument("--vocab-size", type=int, default=32000, help="vocabulary size (32000)")
+    tok.add_argument("--text-key", default="text", help="JSON field holding the text (text)")
+    tok.add_argument("--max-sentences", type=int, default=2_000_000,
+                     help="lines sampled from the input for training (2,000,000)")
+    tok.add_argument("--threads", type=int, default=None, help="trainer threads (all cores)")
+    tok.add_argument("--no-progress", action="store_true",
+                     help="no progress bar while the input is sampled")
+    tok.set_defaults(func=cmd_train_tokenizer)
+
+    pre = subparsers.add_parser(
+        "preprocess", help="tokenize text/jsonl into a megatron-core indexed dataset",
+        description="Tokenize .txt/.jsonl(.gz) into <prefix>.bin/.idx with EOS after every "
+        "document, on several worker processes, in constant memory, with a progress bar. The "
+        "output appears only when complete. Bad records (invalid JSON or UTF-8, missing or "
+        "empty text) are skipped, counted and listed in <prefix>.skipped.txt.")
+    pre.add_argument("--input", nargs="+", required=True,
+                     help=".txt (one document per line), .jsonl or .jsonl.gz files")
+    pre.add_argument("--output-prefix", required=True, help="writes <prefix>.bin and .idx")
+    pre.add_argument("--tokenizer", required=True, help="SentencePiece .model (ours or Meta's)")
+    pre.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)),
+                     help="tokenizer processes (default: all cores)")
+    pre.add_argument("--text-key", default="text", help="JSON field holding the text (text)")
+    pre.add_argument("--add-bos", action="store_true", help="also put BOS before each document")
+    pre.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pre.set_defaults(func=cmd_preprocess)

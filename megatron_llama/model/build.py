@@ -1,0 +1,99 @@
+"""Build megatron-core GPTModel chunks for LLaMA on this rank.
+
+The model definition is megatron-core's GPTModel with LLaMA's layer spec (`spec.py`); the
+parallel layout comes from the process groups set up by `parallel.initialize` (which also
+applies `megatron_llama.compat`). With virtual
+pipeline stages a rank holds several chunks, so `build_model` always returns a list.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from megatron_llama.model.config import LlamaConfig
+
+
+def build_model(cfg: LlamaConfig, tconfig, *, backend: Optional[str] = None,
+                attention: str = "sdpa") -> list:
+    """GPTModel chunk(s) of ``cfg`` for this pipeline rank, one per virtual stage.
+
+    ``tconfig`` is the `TransformerConfig` from `model.config.to_transformer_config` (it carries the
+    layout). Weights are initialised by megatron-core (normal, std 0.02) from the seeded RNGs.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    from megatron_llama.model.spec import get_llama_block_spec
+
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    vp_size = tconfig.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp_stage in range(vp_size or 1):
+        stage = vp_stage if vp_size else None
+        model = GPTModel(
+            config=tconfig,
+            transformer_layer_spec=get_llama_block_spec(tconfig, backend, attention,
+                                                        vp_stage=stage, pp_rank=pp_rank),
+            vocab_size=cfg.padded_vocab_size(tconfig.tensor_model_parallel_size),
+            max_sequence_length=cfg.max_seq_len,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            parallel_output=True,
+            share_embeddings_and_output_weights=False,
+            position_embedding_type="rope",
+            rotary_percent=1.0,
+            rotary_base=int(cfg.rope_theta),
+            vp_stage=stage,
+        )
+        chunks.append(model)
+    return chunks
+
+
+def _chunk_key(vp_stage: int):
+    from megatron.core import parallel_state
+
+    return (parallel_state.get_pipeline_model_parallel_rank(), vp_stage,
+            parallel_state.get_tensor_model_parallel_rank())
+
+
+def _unwrap(chunk):
+    return chunk.module if hasattr(chunk, "module") else chunk
+
+
+def load_meta_state_dict(chunks: list, meta: dict, cfg: LlamaConfig, names: str = "local") -> None:
+    """Copy full Meta-named weights into this rank's chunks (its TP/PP/VP slice)."""
+    from megatron.core import parallel_state
+
+    from megatron_llama.model.canonical import meta_to_megatron
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    vp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    wanted = {_chunk_key(s): s for s in range(len(chunks))}
+    for key, state in meta_to_megatron(meta, cfg, tp, pp, vp, names):
+        if key not in wanted:
+            continue
+        model = _unwrap(chunks[wanted[key]])
+        result = model.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(f"weight mapping mismatch: missing {missing}, "
+                               f"unexpected {result.unexpected_keys}")
+
+
+def local_shards(chunks: list, grads: bool = False) -> dict:
+    """This rank's tensors keyed by (pp_rank, vp_stage, tp_rank) -> {megatron name: tensor}.
+
+    With ``grads=True`` the finalised gradients (DDP's ``main_grad``) instead of the weights.
+    """
+    out = {}
+    for s, chunk in enumerate(chunks):
+        tensors = {}
+        for name, param in _unwrap(chunk).named_parameters():
+            if grads:
+                g = getattr(param, "main_grad", None)
+                tensors[name] = (g if g is not None else param.grad).detach().clone()
+            else:
+                tensors[name] = param.detach().clone()
+        out[_chunk_key(s)] = tensors
+    return out

@@ -1,0 +1,177 @@
+"""The megatron-core engine's checkpoints (dist_checkpointing): complete, atomic, reshardable.
+
+Where the files are is `megatron_llama.checkpoint_files` (shared with `convert`); each
+``iter_N`` folder holds the model, optimizer, scheduler, RNG and train state (iteration,
+consumed samples, skipped steps).
+
+A checkpoint is written into ``iter_N.tmp`` and renamed only after every rank finished, and
+the tracker names it only after that, so "latest" is always complete; a crash mid-save
+leaves the previous checkpoint as latest. The model and the optimizer use reshardable
+formats, so a run can resume under another TP/PP layout.
+
+Slurm delivers SIGUSR1 / SIGTERM (the signals that ask for a last checkpoint) to every
+process of a job step, so dist_checkpointing's helper processes (its results-queue manager,
+which lives as long as the rank, and the per-save writers) start with both signals blocked:
+otherwise the default action kills them and the very save the signal asked for fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+from typing import Optional
+
+import torch
+
+from megatron_llama.checkpoint_files import (
+    METADATA,
+    TRACKER,
+    iteration_dir,
+    latest_iteration,
+    read_checkpoint_metadata,
+)
+from megatron_llama.errors import ConfigError
+from megatron_llama.fileio import commit_directory, write_json, write_text
+
+OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def _rng_object():
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    state = {"torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    pp, tp = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
+    return ShardedObject("rng_state", [state],
+                         (ps.get_pipeline_model_parallel_world_size(),
+                          ps.get_tensor_model_parallel_world_size()),
+                         (pp, tp), replica_id=ps.get_data_parallel_rank(with_context_parallel=True))
+
+
+def _model_key(i: int, n: int) -> str:
+    return "model" if n == 1 else f"model{i}"
+
+
+def _sharded_state(chunks, optimizer, scheduler, train_state: dict, is_loading: bool,
+                   optimizer_metadata: dict, with_rng: bool = True) -> dict:
+    # The GPTModel inside each DDP wrapper: keys are global (layer offsets per stage/chunk).
+    sd: dict = {_model_key(i, len(chunks)): c.module.sharded_state_dict()
+                for i, c in enumerate(chunks)}
+    sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=is_loading,
+                                                   metadata=optimizer_metadata)
+    sd["scheduler"] = scheduler.state_dict()
+    sd["train_state"] = dict(train_state)
+    if with_rng:
+        sd["rng_state"] = _rng_object()
+    return sd
+
+
+def save(root: str, iteration: int, chunks, optimizer, scheduler, train_state: dict,
+         metadata: Optional[dict] = None) -> str:
+    """Save on all ranks (collective); returns the checkpoint directory."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    final = iteration_dir(root, iteration)
+    tmp = final + ".tmp"
+    rank = dist.get_rank()
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    sd = _sharded_state(chunks, optimizer, scheduler, train_state, is_loading=False,
+                        optimizer_metadata=OPTIMIZER_SHARDING)
+    with _stop_signals_blocked():  # inherited by the helper processes the save starts
+        dist_checkpointing.save(sd, tmp, content_metadata=OPTIMIZER_SHARDING)
+    dist.barrier()
+    if rank == 0:
+        write_json(metadata or {}, os.path.join(tmp, METADATA))
+        commit_directory(tmp, final)
+        write_text(os.path.join(root, TRACKER), str(iteration))
+    dist.barrier()
+    return final
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked():
+    """Block SIGUSR1/SIGTERM in this thread (and so in processes started meanwhile).
+
+    A signal arriving meanwhile stays pending (or is taken by another thread) and reaches
+    the training loop's handler afterwards. multiprocessing's resource tracker unblocks
+    SIGTERM when it first starts, so it is started first.
+    """
+    from multiprocessing import resource_tracker
+
+    stop = {signal.SIGUSR1, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    try:
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def load(root: str, chunks, optimizer, scheduler, expected_model: Optional[dict] = None
+         ) -> Optional[dict]:
+    """Load the latest checkpoint under ``root`` into the (already built) objects.
+
+    Returns the saved train state, or None when ``root`` holds no checkpoint or only model
+    weights (a converted checkpoint: training then starts at step 0 from them). RNG states are
+    restored only when the layout is unchanged (they are per TP/PP rank). A checkpoint of a
+    different model (``expected_model``: params.json fields) is refused with one line.
+    """
+    from megatron.core import dist_checkpointing
+
+    iteration = latest_iteration(root)
+    if iteration is None:
+        return None
+    path = iteration_dir(root, iteration)
+    meta = read_checkpoint_metadata(path)
+    if expected_model is not None and meta.get("model") not in (None, expected_model):
+        diff = sorted(k for k in set(expected_model) | set(meta["model"])
+                      if expected_model.get(k) != meta["model"].get(k))
+        raise ConfigError(f"{path}: checkpoint is of a different model ({', '.join(diff)} "
+                          "differ); choose another --save/--load")
+    from megatron_llama.compat.safe_loading import reading
+
+    if meta.get("model_only"):  # e.g. converted from Meta's weights: start from them at step 0
+        with reading(path):  # no pickled code runs
+            loaded = dist_checkpointing.load(
+                {_model_key(i, len(chunks)): c.module.sharded_state_dict()
+                 for i, c in enumerate(chunks)}, path)
+        for i, chunk in enumerate(chunks):
+            chunk.module.load_state_dict(loaded[_model_key(i, len(chunks))], strict=True)
+        optimizer.reload_model_params()  # fp32 main weights from the loaded model weights
+        return None
+    same_layout = meta.get("layout") == _current_layout()
+    with reading(path):  # no pickled code runs
+        saved_sharding = dist_checkpointing.load_content_metadata(path) or OPTIMIZER_SHARDING
+        sd = _sharded_state(chunks, optimizer, scheduler, {}, is_loading=True,
+                            optimizer_metadata=saved_sharding, with_rng=same_layout)
+        loaded = dist_checkpointing.load(sd, path)
+    for i, chunk in enumerate(chunks):
+        chunk.module.load_state_dict(loaded[_model_key(i, len(chunks))], strict=True)
+    optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.num_steps = 0  # load_state_dict adds the saved step count to the current one
+    scheduler.load_state_dict(loaded["scheduler"])
+    if same_layout and "rng_state" in loaded:
+        from megatron.core import tensor_parallel
+
+        rng = loaded["rng_state"][0]
+        torch.set_rng_state(rng["torch"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
+    return dict(loaded["train_state"])
+
+
+def _current_layout() -> dict:
+    from megatron.core import parallel_state as ps
+
+    return {"tp": ps.get_tensor_model_parallel_world_size(),
+            "pp": ps.get_pipeline_model_parallel_world_size(),
+            "vp": ps.get_virtual_pipeline_model_parallel_world_size()}
