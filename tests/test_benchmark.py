@@ -37,6 +37,7 @@ def _predicted(report, rc, tp=1, sp=False, pp=1):
     return memory_per_gpu(CFG, lay, SEQ, report["layout"]["microbatches"], param_bytes=4).total
 
 
+@pytest.mark.slow
 def test_benchmark_report_mfu_memory_and_transformers(megatron_single, tmp_path):
     from megatron_llama.bench.benchmark import run_benchmark
     from megatron_llama.bench.report import format_report, write_json
@@ -84,6 +85,7 @@ def test_benchmark_report_mfu_memory_and_transformers(megatron_single, tmp_path)
         16 * CFG.num_params(), abs=1024)
 
 
+@pytest.mark.slow
 def test_full_recompute_memory_matches_planner(megatron_single):
     from megatron_llama.bench.benchmark import run_benchmark
 
@@ -93,6 +95,7 @@ def test_full_recompute_memory_matches_planner(megatron_single):
     assert _predicted(r, "full") < 0.8 * _predicted(r, "none")
 
 
+@pytest.mark.multiprocess
 def test_two_rank_tp_sp_benchmark_memory(tmp_path):
     """TP=2 + SP on 2 spawned ranks: per-rank memory, the slowest rank's step time."""
     from megatron_llama.bench.benchmark import run_benchmark
@@ -166,6 +169,7 @@ def test_gemm_operands_are_stored_as_megatron_core_multiplies():
         assert (a.is_contiguous(), b.is_contiguous()) == (a_contig, b_contig), layout
 
 
+@pytest.mark.slow
 def test_sweep_writes_csv_chart_and_table(megatron_single, tmp_path, capsys):
     """`--sweep`: every point in the CSV (skipped ones with the reason), a PNG, a summary."""
     import csv

@@ -5,12 +5,15 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "megatron_llama.cli", *args],
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_info_prints_exact_counts_and_backends():
     result = run_cli("info")
     assert result.returncode == 0, result.stderr

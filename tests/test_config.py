@@ -7,7 +7,12 @@ import json
 import pytest
 
 from megatron_llama.errors import ConfigError
-from megatron_llama.model.config import PRESETS, LlamaConfig, get_preset, to_transformer_config
+from megatron_llama.model.config import (
+    PRESETS,
+    LlamaConfig,
+    get_preset,
+    to_transformer_config,
+)
 from megatron_llama.parallel import ParallelLayout
 
 PAPER = {  # preset: (exact parameters with V=32000, SwiGLU width, Meta shards)
@@ -102,7 +107,7 @@ def test_transformer_config_mapping():
     assert tc.bf16 and tc.params_dtype == torch.bfloat16 and tc.recompute_granularity == "full"
     assert tc.batch_p2p_comm  # GPU keeps batched p2p ...
     cpu = to_transformer_config(PRESETS["tiny"].model, ParallelLayout(pp=2, vp=2), on_gpu=False)
-    assert not cpu.batch_p2p_comm  # ... gloo needs it off for interleaving (LLAMA_FACTS.md)
+    assert not cpu.batch_p2p_comm  # ... gloo needs it off for interleaving (docs/megatron-core.md)
     gqa = to_transformer_config(LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
                                             vocab_size=64), ParallelLayout(), on_gpu=False)
     assert gqa.num_query_groups == 2

@@ -116,6 +116,7 @@ def converted_worker(rank, world, workdir, tokens):
     return losses, logits
 
 
+@pytest.mark.multiprocess
 def test_converted_checkpoint_logits_and_training_under_tp_and_pp(tmp_path):
     weights = random_meta_weights(CFG)
     src = write_by_hand(str(tmp_path / "meta"), CFG, weights, 2)

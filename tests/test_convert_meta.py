@@ -19,7 +19,7 @@ from tests.llama_testing import random_meta_weights
 CFG = LlamaConfig(dim=128, n_layers=2, n_heads=8, vocab_size=96, multiple_of=32)
 LLAMA2 = LlamaConfig(dim=128, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=64,
                      multiple_of=32, ffn_dim_multiplier=1.3, norm_eps=1e-5)
-# LLAMA_FACTS.md: how Meta splits each tensor over model-parallel files.
+# How Meta splits each tensor over model-parallel files (docs/checkpoint-formats.md).
 CONCAT_DIM = {"tok_embeddings": 1, "output": 0, "wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0,
               "w3": 0, "w2": 1}
 
@@ -142,6 +142,7 @@ def test_bad_inputs_refused_before_writing(tmp_path, case, message):
     assert not os.path.exists("/tmp/megatron_llama_pwned")
 
 
+@pytest.mark.slow
 def test_unknown_format_existing_output_and_cli(tmp_path):
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "x.txt").write_text("x")

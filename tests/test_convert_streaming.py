@@ -13,7 +13,10 @@ import pytest
 import torch
 
 from megatron_llama.convert.hf import HFCheckpoint, write_hf
-from megatron_llama.convert.megatron_checkpoint import MegatronCheckpoint, write_megatron
+from megatron_llama.convert.megatron_checkpoint import (
+    MegatronCheckpoint,
+    write_megatron,
+)
 from megatron_llama.convert.meta import MetaCheckpoint, write_meta
 from megatron_llama.convert.tensorio import (
     SafetensorsFile,
@@ -148,6 +151,7 @@ def _synthetic(directory, cfg):
     cfg.to_params_json(os.path.join(directory, "params.json"))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_peak_memory_stays_far_below_the_checkpoint(tmp_path):
     """A 436 MB checkpoint converts Meta -> Megatron -> Meta with a peak RSS no more than

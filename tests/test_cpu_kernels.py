@@ -6,8 +6,12 @@ import torch
 
 
 def test_rotate_halves_matches_megatron_rope():
-    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
-    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.models.common.embeddings.rope_utils import (
+        _apply_rotary_pos_emb_bshd,
+    )
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import (
+        RotaryEmbedding,
+    )
 
     from megatron_llama import compat
     from megatron_llama.compat.cpu_rope import rotate_halves

@@ -59,6 +59,7 @@ def engines_worker(rank, world, workdir):
     return out
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(900)
 def test_zero_stages_match_megatron_engine_and_resume_exactly(tmp_path):
     results = run_processes(engines_worker, 2, str(tmp_path), timeout=900)

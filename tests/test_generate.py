@@ -86,6 +86,7 @@ def tp2_worker(rank, world, workdir, directory):
     return {"greedy": greedy, "sampled": sampled}
 
 
+@pytest.mark.multiprocess
 def test_tensor_parallel_generation_agrees(meta_dir, tmp_path):
     directory, weights = meta_dir
     results = run_processes(tp2_worker, 2, str(tmp_path), directory, timeout=300)
@@ -93,6 +94,7 @@ def test_tensor_parallel_generation_agrees(meta_dir, tmp_path):
     assert results[0]["sampled"] == results[1]["sampled"]  # ranks draw the same tokens
 
 
+@pytest.mark.slow
 def test_generate_cli_from_meta_directory(tmp_path):
     from megatron_llama.data.corpus import build_builtin_corpus
     from megatron_llama.data.tokenizer import train_tokenizer

@@ -15,6 +15,8 @@ import torch
 from megatron_llama import selfcheck
 from tests.llama_testing import rel_err
 
+pytestmark = pytest.mark.multiprocess  # one spawned process group runs every layout
+
 # Recompute reruns the same ops on the same data: it must not change a single bit.
 RECOMPUTE_BASELINE = {"TP2-SP-full-recompute": "TP2-SP", "TP2-selective-recompute": "TP2",
                       "PP2-full-recompute": "PP2-1F1B"}

@@ -69,6 +69,7 @@ def test_flops_and_peaks():
     (["--global-batch", "10", "--micro-batch", "4"], 1, "global batch 10 is not divisible"),
     (["--seq-length", "4096"], 1, "exceeds the model's max_seq_len"),
 ])
+@pytest.mark.slow
 def test_impossible_runs_refused_with_one_line(flags, env_world, message, tmp_path):
     env = dict(os.environ, WORLD_SIZE=str(env_world), RANK="0")
     result = subprocess.run([sys.executable, "-m", "megatron_llama.cli", "pretrain", "--synthetic",

@@ -269,6 +269,7 @@ def _read_all(folder: Path) -> str:
     return "".join(f"--- {p.name}\n{_read(p)}" for p in sorted(folder.glob("*")))
 
 
+@pytest.mark.slurm
 def test_slurm_job_trains_and_checkpoints_on_two_nodes(preempted_job):
     before = preempted_job["before"]
     assert before["job"]["JobState"] == "RUNNING" and before["job"]["Restarts"] == "0"
@@ -277,6 +278,7 @@ def test_slurm_job_trains_and_checkpoints_on_two_nodes(preempted_job):
     assert before["steps"][:SAVE_INTERVAL] == list(range(1, SAVE_INTERVAL + 1))
 
 
+@pytest.mark.slurm
 def test_slurm_job_requeued_after_signal_and_resumed_from_checkpoint(preempted_job):
     first, second = preempted_job["logs"]
     stopped = re.search(r"stopped by a signal after step (\d+); checkpoint saved", first)
@@ -294,6 +296,7 @@ def test_slurm_job_requeued_after_signal_and_resumed_from_checkpoint(preempted_j
     assert records[k]["consumed_samples"] == (k + 1) * 4  # data position restored too
 
 
+@pytest.mark.slurm
 def test_slurm_job_finished_after_requeue(preempted_job):
     job = preempted_job["job"]
     assert (job["JobState"], job["Restarts"], job["ExitCode"]) == ("COMPLETED", "1", "0:0")

@@ -15,10 +15,10 @@ import time
 
 import pytest
 
+from megatron_llama import checkpoint_files as checkpoint
 from megatron_llama.launch.local import LaunchError, run_processes
 from megatron_llama.model.config import LlamaConfig
 from megatron_llama.parallel import ParallelLayout
-from megatron_llama import checkpoint_files as checkpoint
 from megatron_llama.training.loop import NAN_TEST_ENV, SIGKILL_TEST_ENV
 from megatron_llama.training.recipe import TrainConfig
 
@@ -87,6 +87,7 @@ def runs(tmp_path_factory):
     return first, resumed, workdir
 
 
+@pytest.mark.multiprocess
 def test_sigkill_then_resume_is_bitwise_identical(runs):
     first, resumed, _ = runs
     full = first[0]["full"]
@@ -97,6 +98,7 @@ def test_sigkill_then_resume_is_bitwise_identical(runs):
         assert same[step] == full[step], (step, same[step], full[step])  # bitwise
 
 
+@pytest.mark.multiprocess
 def test_resume_into_another_layout(runs):
     first, resumed, workdir = runs
     full, other = first[0]["full"], resumed[0]["other"]
@@ -108,6 +110,7 @@ def test_resume_into_another_layout(runs):
     assert meta["layout"] == {"tp": 1, "pp": 2, "vp": None}
 
 
+@pytest.mark.multiprocess
 def test_data_parallel_distributed_optimizer_matches_tensor_parallel(runs):
     first, _, _ = runs
     full, dp2 = first[0]["full"], first[0]["dp2"]
@@ -116,6 +119,7 @@ def test_data_parallel_distributed_optimizer_matches_tensor_parallel(runs):
         assert abs(dp2[step] - full[step]) <= 1e-5 * abs(full[step]), (step, dp2, full)
 
 
+@pytest.mark.multiprocess
 def test_nonfinite_loss_skipped_or_stopped(runs):
     first, _, _ = runs
     skip = first[0]["skip"]
@@ -126,6 +130,7 @@ def test_nonfinite_loss_skipped_or_stopped(runs):
 
 @pytest.mark.parametrize("engine", [[], ["--engine", "deepspeed", "--zero-stage", "2"]],
                          ids=["megatron", "deepspeed-tp2"])
+@pytest.mark.multiprocess
 def test_checkpoint_on_sigusr1_and_clean_exit(tmp_path, engine):
     import psutil
 
@@ -175,6 +180,7 @@ def test_checkpoint_on_sigusr1_and_clean_exit(tmp_path, engine):
     assert not any(p.name.endswith(".tmp") for p in save.iterdir())
 
 
+@pytest.mark.slow
 def test_log_records_wandb_and_plot(megatron_single, tmp_path):
     """One process, bf16: every logged field, validation, wandb offline run, PNG curves."""
     from megatron_llama.training.loop import pretrain
@@ -202,6 +208,7 @@ def test_log_records_wandb_and_plot(megatron_single, tmp_path):
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.multiprocess
 def test_checkpoint_of_another_model_refused(runs, megatron_single, tmp_path):
     from megatron_llama.errors import ConfigError
     from megatron_llama.training.loop import pretrain

@@ -57,9 +57,11 @@ def check_megatron_core_version(installed: Optional[str] = None) -> None:
         return
     if os.environ.get(ALLOW_OTHER_VERSION_ENV) == "1":
         return
-    found = f"megatron-core {installed} is installed" if installed else "megatron-core is not installed"
+    found = (f"megatron-core {installed} is installed" if installed
+             else "megatron-core is not installed")
+    want = MEGATRON_CORE_VERSION
     raise ConfigError(f"{found}, but megatron_llama's runtime adaptations are written for "
-                      f"{MEGATRON_CORE_VERSION}: pip install megatron-core=={MEGATRON_CORE_VERSION}"
+                      f"{want}: pip install megatron-core=={want}"
                       f" (or set {ALLOW_OTHER_VERSION_ENV}=1 to try this version anyway)")
 
 

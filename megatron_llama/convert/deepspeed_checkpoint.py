@@ -131,7 +131,7 @@ class DeepSpeedCheckpoint(WeightSource):
     def __init__(self, root: str):
         tag = deepspeed_latest_tag(root)
         if tag is None:
-            raise ConfigError(f"{root}: no DeepSpeed 'latest' file: not a DeepSpeed checkpoint root")
+            raise ConfigError(f"{root}: no DeepSpeed 'latest' file (not a DeepSpeed checkpoint)")
         folder = os.path.join(root, tag)
         meta_path = os.path.join(folder, METADATA)
         if not os.path.isfile(meta_path):

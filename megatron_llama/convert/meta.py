@@ -6,9 +6,10 @@ Shard files are opened with ``torch.load(mmap=True, weights_only=True)``: nothin
 until a tensor is used, and a pickle that would run code is refused. Every problem is found
 before any output is written and reported in one line naming the file.
 
-Tensors are merged across shards by the table in docs/checkpoint-formats.md (`SPLIT_DIM`); norms are
-replicated. The writer streams each shard file tensor by tensor (memory: about one full
-tensor), into a temporary directory renamed into place when complete. Pages of the mapped
+Tensors are merged across shards along the dimensions of docs/checkpoint-formats.md, "Shard
+split dimensions" (`SPLIT_DIM`); norms are replicated. The writer streams each shard file
+tensor by tensor (memory: about one full tensor), into a temporary directory renamed into
+place when complete. Pages of the mapped
 inputs are released as soon as they are copied, so reading a 13 GB shard does not leave
 13 GB resident.
 """
@@ -167,8 +168,8 @@ def write_meta(output: str, source: WeightSource, shards: int,
         raise ConfigError(f"cannot write {shards} shards: {cfg.n_heads} heads / "
                           f"{cfg.num_kv_heads} KV heads are not divisible")
     keys = meta_keys(cfg)
-    with staged_directory(output, force) as tmp, \
-            tqdm(total=shards * cfg.n_layers, unit="layer", desc="meta", disable=not progress) as bar:
+    bar = tqdm(total=shards * cfg.n_layers, unit="layer", desc="meta", disable=not progress)
+    with staged_directory(output, force) as tmp, bar:
         for r in range(shards):
             path = os.path.join(tmp, f"consolidated.{r:02d}.pth")
             writer = TorchFileWriter(path, [(k, shard_shape(k, cfg, shards), dtype) for k in keys])

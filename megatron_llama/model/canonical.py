@@ -5,7 +5,7 @@ The canonical form is Meta's: full (unsharded) tensors under Meta's names
 no I/O, no process groups, so every mapping is tested on its own and reused by the
 converters, the tests' weight loading and the Megatron checkpoint reader/writer.
 
-Layouts (see LLAMA_FACTS.md):
+Layouts (docs/megatron-core.md and docs/checkpoint-formats.md, "RoPE conventions"):
 - RoPE: Meta rotates adjacent pairs (2i, 2i+1); megatron-core rotates (i, i + hd/2). The
   rows of wq and wk are permuted inside each head (even rows first, then odd rows).
 - linear_qkv rows are grouped per query group g: [q heads of g, k_g, v_g]; TP splits groups.
