@@ -1,4 +1,4 @@
-"""`megatron_llama.cpu_fastpaths` against megatron-core's own CPU fallbacks."""
+"""`megatron_llama.compat.cpu_fastpaths` against megatron-core's own CPU fallbacks."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Measure what the CPU platform adapter costs per training step.
 
 Runs forward-backward steps of a small LLaMA on one CPU process under cProfile and reports
-the share of time spent inside megatron_llama/platform.py (the torch proxy's factories,
+the share of time spent inside megatron_llama/compat/cpu_adapter.py (the torch proxy's factories,
 ``torch.cuda`` stand-ins and RNG hooks), next to the plain wall time per step.
 
     python tools/adapter_overhead.py [--steps 20] [--dim 256] [--layers 4] [--seq 256]
@@ -66,9 +66,9 @@ def main() -> None:
     stats = pstats.Stats(profiler)
     total = stats.total_tt
     adapter = sum(tt for (path, _, _), (_, _, tt, _, _) in stats.stats.items()
-                  if path.endswith(os.path.join("megatron_llama", "platform.py")))
+                  if path.endswith(os.path.join("megatron_llama", "compat", "cpu_adapter.py")))
     calls = sum(nc for (path, _, _), (_, nc, _, _, _) in stats.stats.items()
-                if path.endswith(os.path.join("megatron_llama", "platform.py")))
+                if path.endswith(os.path.join("megatron_llama", "compat", "cpu_adapter.py")))
     print(f"model: dim {args.dim}, {args.layers} layers, seq {args.seq}, batch {args.batch}")
     print(f"step time (no profiler): {wall * 1e3:.1f} ms")
     print(f"adapter: {calls / args.steps:.0f} calls/step, "

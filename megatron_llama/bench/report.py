@@ -71,7 +71,7 @@ def format_report(r: dict) -> str:
 
 
 def format_sweep(rows: list[dict]) -> str:
-    """One line per sweep point (the CSV rows of `benchmark_cli`), skipped points with why."""
+    """One line per sweep point (the CSV rows of `benchmark_command`), skipped points with why."""
     lines = [f"{'layout':<22}{'ranks':>6}{'tok/s/rank':>12}{'MFU PaLM':>10}{'MFU mcore':>10}"
              f"{'median s':>10}{'peak tensor GB':>16}"]
     def num(value, spec: str, width: int, scale: float = 1.0, suffix: str = "") -> str:

@@ -1,4 +1,4 @@
-"""CPU fast paths for megatron-core's training step (installed by the CPU adapter).
+"""CPU fast paths for megatron-core's training step (installed by `compat.install()` on CPU hosts).
 
 On a CPU-only host megatron-core 0.16.1 runs its fallbacks for what apex / TE / NCCL would
 do on a GPU. A profile of one fp32 step (dim 512, 8 layers, vocab 32000, 2048 tokens, one
@@ -26,7 +26,7 @@ unchanged), 3 agrees to rounding:
    rounds differently: < 1e-5 relative), and with TP > 1, label smoothing, targets outside
    the vocabulary or CUDA tensors megatron-core's own function runs.
 
-`install_cpu_fastpaths` applies them once; the adapter calls it on CPU-only hosts only.
+`install_cpu_fastpaths` applies them once; `compat.install()` calls it on CPU-only hosts only.
 """
 
 from __future__ import annotations
