@@ -153,3 +153,27 @@ def report(root: str) -> list[str]:
     graph = import_graph(root)
     return ([f"import cycle: {' -> '.join(c)}" for c in cycles(graph)]
             + direction_violations(graph))
+
+
+def main() -> int:
+    """``python -m tests.import_graph``: the stages with their modules, then every violation."""
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), PACKAGE)
+    graph = import_graph(root)
+    edges = sum(len(t) for t in graph.values())
+    by_stage: dict[int, list[str]] = {}
+    for unit, stage in STAGES.items():
+        by_stage.setdefault(stage, []).append(unit)
+    for stage in sorted(by_stage):
+        units = by_stage[stage]
+        count = sum(1 for m in graph if _unit(m) in units)
+        print(f"stage {stage}: {', '.join(units)} ({count} modules)")
+    problems = report(root)
+    print(f"{len(graph)} modules, {edges} imports inside the package, "
+          f"{len(cycles(graph))} cycles, {len(problems)} violations")
+    for p in problems:
+        print("  " + p)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

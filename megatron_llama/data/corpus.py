@@ -18,6 +18,8 @@ import os
 import sysconfig
 from typing import Iterator
 
+from megatron_llama.fileio import atomic_write, write_text
+
 BLEND_TEMPLATE = """\
 # Built-in corpus (no download): Python standard library source + pydoc topics.
 split: "90,8,2"
@@ -65,13 +67,15 @@ def pydoc_documents() -> Iterator[dict]:
 
 
 def _write_jsonl(path: str, docs: Iterator[dict]) -> int:
-    tmp = f"{path}.tmp{os.getpid()}"
     count = 0
-    with open(tmp, "w", encoding="utf-8") as f:
+
+    def write(f) -> None:
+        nonlocal count
         for doc in docs:
             f.write(json.dumps(doc, ensure_ascii=False) + "\n")
             count += 1
-    os.replace(tmp, path)
+
+    atomic_write(path, write)
     return count
 
 
@@ -84,8 +88,6 @@ def build_builtin_corpus(out_dir: str, max_code_bytes: int = 8 << 20,
              "blend": os.path.join(out_dir, "blend.yaml")}
     _write_jsonl(paths["code"], stdlib_documents(max_code_bytes))
     _write_jsonl(paths["prose"], pydoc_documents())
-    tmp = paths["blend"] + f".tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(BLEND_TEMPLATE.format(code_weight=code_weight, prose_weight=prose_weight))
-    os.replace(tmp, paths["blend"])
+    write_text(paths["blend"], BLEND_TEMPLATE.format(code_weight=code_weight,
+                                                     prose_weight=prose_weight))
     return paths

@@ -1,0 +1,1 @@
+"""Starting runs: local process groups with a deadline, and Slurm batch scripts."""

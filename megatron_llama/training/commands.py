@@ -15,7 +15,7 @@ import typing
 from typing import Any
 
 from megatron_llama.errors import ConfigError
-from megatron_llama.model.config import LlamaConfig, get_preset
+from megatron_llama.model.config import PRESETS, LlamaConfig, get_preset
 from megatron_llama.parallel import ParallelLayout
 from megatron_llama.training.recipe import GROUPS, TrainConfig, cli_fields
 
@@ -47,7 +47,7 @@ def _add_field(group, cls, f: dataclasses.Field, *, help: str, default: Any) -> 
 def add_pretrain_args(p: argparse.ArgumentParser) -> None:
     """Every `pretrain` flag, from the fields of LlamaConfig, ParallelLayout and TrainConfig."""
     m = p.add_argument_group("model (a preset plus overrides, Meta's field names)")
-    m.add_argument("--preset", default="tiny", help="tiny, 7B, 13B, 33B or 65B (tiny)")
+    m.add_argument("--preset", default="tiny", help=f"{', '.join(PRESETS)} (tiny)")
     for f in dataclasses.fields(LlamaConfig):
         _add_field(m, LlamaConfig, f, help=f"override the preset's {f.name}", default=None)
     par = p.add_argument_group("parallelism (megatron-core)")
@@ -116,11 +116,13 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def add_command(subparsers) -> None:
     """Register `pretrain` and `plot`."""
+    d = {f.name: f.default for f in cli_fields()}  # the recipe's defaults, from its fields
     pt = subparsers.add_parser(
         "pretrain", help="pretrain with the paper's recipe on megatron-core (torchrun/srun)",
         description="Pretrain a LLaMA preset (plus overrides) with megatron-core: TP/SP/PP/VP/DP "
-        "from flags, DDP + distributed AdamW (0.9/0.95, wd 0.1, clip 1.0), 2000 warmup steps, "
-        "cosine to 10%%, 4M-token batches by default. Run under torchrun or srun, or pass "
+        f"from flags, DDP + distributed AdamW ({d['adam_beta1']}/{d['adam_beta2']}, wd "
+        f"{d['weight_decay']}, clip {d['clip_grad']}), {d['warmup_steps']} warmup steps, "
+        f"cosine to {d['min_lr_ratio']:.0%}, 4M-token batches by default. Run under torchrun or srun, or pass "
         "--nproc-per-node for local processes. Saves with dist_checkpointing every "
         "--save-interval steps and on SIGTERM/SIGUSR1, resumes from the latest checkpoint "
         "(also into another TP/PP layout). Logs loss, lr, grad norm, tokens/s/GPU, TFLOP/s/GPU "

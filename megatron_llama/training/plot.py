@@ -6,6 +6,7 @@ import json
 import os
 
 from megatron_llama.errors import ConfigError
+from megatron_llama.fileio import atomic_write
 
 
 def read_log(path: str) -> list[dict]:
@@ -52,8 +53,8 @@ def plot_log(log_path: str, output: str) -> str:
     axes[2].plot(steps, [train[s]["tokens_per_s_per_gpu"] for s in steps])
     axes[2].set(title="tokens/s/GPU", xlabel="step")
     fig.tight_layout()
-    tmp = output + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, output)
+    try:
+        atomic_write(output, lambda f: fig.savefig(f, format="png", dpi=100), binary=True)
+    finally:
+        plt.close(fig)
     return output
