@@ -122,8 +122,8 @@ def add_command(subparsers) -> None:
         description="Pretrain a LLaMA preset (plus overrides) with megatron-core: TP/SP/PP/VP/DP "
         f"from flags, DDP + distributed AdamW ({d['adam_beta1']}/{d['adam_beta2']}, wd "
         f"{d['weight_decay']}, clip {d['clip_grad']}), {d['warmup_steps']} warmup steps, "
-        f"cosine to {d['min_lr_ratio']:.0%}, 4M-token batches by default. Run under torchrun or srun, or pass "
-        "--nproc-per-node for local processes. Saves with dist_checkpointing every "
+        f"cosine to {d['min_lr_ratio']:.0%}, 4M-token batches by default. Run under torchrun "
+        "or srun, or pass --nproc-per-node for local processes. Saves with dist_checkpointing every "
         "--save-interval steps and on SIGTERM/SIGUSR1, resumes from the latest checkpoint "
         "(also into another TP/PP layout). Logs loss, lr, grad norm, tokens/s/GPU, TFLOP/s/GPU "
         "and MFU to stdout, JSONL and optionally wandb.")
