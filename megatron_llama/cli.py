@@ -6,13 +6,16 @@ parsed flags returning an exit code). Command modules import only the standard l
 light project modules at the top (heavy imports happen inside ``func``), so ``--help`` is
 instant. A command module that fails to import is an error, never a missing command.
 
-Errors the user can fix (`ConfigError`) are printed as one line, exit code 2.
+Errors the user can fix (`ConfigError`) are printed as one line, exit code 2; Ctrl-C as one
+line, exit code 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from typing import Callable, Optional
 
 from megatron_llama import generate, selfcheck
@@ -47,11 +50,30 @@ def main(argv: Optional[list[str]] = None) -> int:
     warnings.filterwarnings("ignore")
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
+    interrupted: list[int] = []
+
+    def on_interrupt(signum, frame):
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_interrupt) if main_thread else None
     try:
         return func(args)
     except ConfigError as e:
         print(f"megatron-llama {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BaseException as e:
+        # Ctrl-C, however deep it surfaced (a worker pool, a C++ writer): one line. Every
+        # output is staged and appears only when complete, so nothing partial is left.
+        if not (interrupted or isinstance(e, KeyboardInterrupt)):
+            raise
+        print(f"megatron-llama {args.command}: interrupted; nothing partial was written",
+              file=sys.stderr)
+        return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":

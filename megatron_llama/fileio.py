@@ -19,6 +19,16 @@ from typing import IO, Callable, Iterator
 from megatron_llama.errors import ConfigError
 
 
+def respect_umask(path: str, directory: bool = False) -> None:
+    """Give ``path`` the mode a plain ``open``/``mkdir`` would: 0666 / 0777 minus the umask.
+
+    Temporary files and directories (``mkstemp``, ``mkdtemp``) are created 0600 / 0700; an
+    output renamed from one would otherwise be private to its owner."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~mask)
+
+
 def output_path(path: str) -> str:
     """``path`` as a file to write: its folder is created, a directory there is an error."""
     if os.path.isdir(path):
@@ -84,7 +94,9 @@ def stage_directory(output: str, force: bool = False) -> str:
     parent = os.path.dirname(os.path.abspath(output)) or "."
     try:
         os.makedirs(parent, exist_ok=True)
-        return tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(output)}.tmp-")
+        tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(output)}.tmp-")
+        respect_umask(tmp, directory=True)
+        return tmp
     except OSError as e:
         raise ConfigError(f"{output}: cannot create it ({e.strerror or e})") from None
 

@@ -147,10 +147,10 @@ def generate_text(checkpoint: str, prompt: str, sampling: Sampling, tp: int = 1,
 
 
 def cmd_generate(args) -> int:
-    from megatron_llama.parallel import relaunch_with_torchrun, under_launcher
+    from megatron_llama.local_ranks import run_cli_ranks, under_launcher
 
     if args.tp > 1 and not under_launcher():
-        return relaunch_with_torchrun(args.tp, sys.argv[1:])
+        return run_cli_ranks(args.tp, sys.argv[1:], drop_flag=None)
     sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_p=args.top_p, seed=args.seed)
     text = generate_text(args.checkpoint, args.prompt, sampling, tp=args.tp,

@@ -5,8 +5,7 @@ pipeline (PP) with optional virtual stages (VP), and data parallel (DP = world /
 `ParallelLayout.check` refuses layouts that cannot work, with one line, before any process
 group or weight exists. `initialize` applies the runtime adaptations (`megatron_llama.compat`:
 gloo on CPU, NCCL on GPU) and the host tuning, creates megatron-core's process groups and
-seeds the RNGs the way megatron-core expects. The launcher helpers at the end tell whether
-torchrun / srun started this process and start local processes under torchrun if not.
+seeds the RNGs the way megatron-core expects.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from __future__ import annotations
 import datetime
 import os
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -116,7 +114,7 @@ def init_distributed(timeout_s: int = 600) -> tuple[int, int]:
     """Initialise torch.distributed from torchrun/srun environment variables if needed.
 
     Returns (rank, world_size). A single process without any launcher gets world size 1
-    (a local file store, so no port is needed).
+    (an in-memory store: no port, no file).
     """
     import torch
     import torch.distributed as dist
@@ -132,9 +130,9 @@ def init_distributed(timeout_s: int = 600) -> tuple[int, int]:
         local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
         torch.cuda.set_device(local_rank)
     if world == 1 and "MASTER_ADDR" not in os.environ:
-        import tempfile
-        store = dist.FileStore(tempfile.mktemp(prefix="megatron_llama_store_"), 1)
-        dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
+        # one process: an in-memory store (no port, no file left behind)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timeout)
     else:
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
     return rank, world
@@ -170,29 +168,3 @@ def destroy() -> None:
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
-
-
-def under_launcher() -> bool:
-    """True when torchrun or srun started this process (it then has a rank)."""
-    return "RANK" in os.environ or "SLURM_PROCID" in os.environ
-
-
-def relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
-    """Run this command again under torchrun with ``nproc`` local processes; its exit code."""
-    cleaned, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a == "--nproc-per-node":
-            skip = True
-            continue
-        if a.startswith("--nproc-per-node="):
-            continue
-        cleaned.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", "-m", "megatron_llama.cli", *cleaned]
-    env = dict(os.environ, PYTHONWARNINGS=os.environ.get("PYTHONWARNINGS", "ignore"),
-               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS",
-                                              str(max(1, (os.cpu_count() or 1) // nproc))))
-    return subprocess.call(cmd, env=env)

@@ -50,9 +50,16 @@ def run_case(layout: ParallelLayout, recompute: str = "none", ddp: Optional[dict
     import torch
     from megatron.core import parallel_state as ps
 
-    from megatron_llama.model.build import build_model, load_meta_state_dict, local_shards
+    from megatron_llama.model.build import (
+        build_model,
+        load_meta_state_dict,
+        local_shards,
+    )
     from megatron_llama.model.config import to_transformer_config
-    from megatron_llama.model.synthetic import random_meta_state_dict, random_token_batches
+    from megatron_llama.model.synthetic import (
+        random_meta_state_dict,
+        random_token_batches,
+    )
     from megatron_llama.parallel import destroy, initialize
     from megatron_llama.training.engines.megatron_core import forward_backward, wrap_ddp
 
@@ -108,7 +115,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 def run_all(case_names: Optional[list[str]] = None, workdir: Optional[str] = None,
             timeout: float = 600.0) -> tuple[dict, list[dict]]:
     """Single-process reference (in this process) and all cases on 2 spawned ranks."""
-    from megatron_llama.launch.local import run_processes
+    from megatron_llama.local_ranks import run_processes
     from megatron_llama.model.canonical import megatron_to_meta
     from megatron_llama.parallel import init_distributed
 

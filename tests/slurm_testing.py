@@ -54,7 +54,7 @@ def ensure_installed() -> Optional[str]:
 
 
 def _free_ports(n: int) -> list[int]:
-    from megatron_llama.launch.local import free_port
+    from megatron_llama.local_ranks import free_port
 
     ports: list[int] = []
     while len(ports) < n:

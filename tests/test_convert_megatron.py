@@ -10,7 +10,7 @@ import torch
 
 from megatron_llama.convert.run import convert
 from megatron_llama.data.batches import SyntheticTokens
-from megatron_llama.launch.local import run_processes
+from megatron_llama.local_ranks import run_processes
 from megatron_llama.model.config import LlamaConfig
 from megatron_llama.parallel import ParallelLayout
 from tests.llama_testing import random_meta_weights, reference_logits

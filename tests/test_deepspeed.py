@@ -9,7 +9,7 @@ import os
 import pytest
 
 from megatron_llama.errors import ConfigError
-from megatron_llama.launch.local import run_processes
+from megatron_llama.local_ranks import run_processes
 from megatron_llama.model.config import LlamaConfig
 from megatron_llama.parallel import ParallelLayout
 from megatron_llama.training.recipe import TrainConfig

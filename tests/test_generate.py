@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megatron_llama.generate import Sampling, generate_ids, load_model, sample_next
-from megatron_llama.launch.local import run_processes
+from megatron_llama.local_ranks import run_processes
 from megatron_llama.model.config import LlamaConfig
 from tests.llama_testing import random_meta_weights, reference_logits
 from tests.test_convert_meta import write_by_hand

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from megatron_llama import checkpoint_files as checkpoint
-from megatron_llama.launch.local import LaunchError, run_processes
+from megatron_llama.local_ranks import LaunchError, run_processes
 from megatron_llama.model.config import LlamaConfig
 from megatron_llama.parallel import ParallelLayout
 from megatron_llama.training.loop import NAN_TEST_ENV, SIGKILL_TEST_ENV

@@ -101,7 +101,11 @@ def run_rank(bc: BenchConfig) -> dict:
     from megatron.core import parallel_state as ps
     from tqdm import tqdm
 
-    from megatron_llama.bench.memtrace import peak_rss_bytes, static_tensor_bytes, step_peak_bytes
+    from megatron_llama.bench.memtrace import (
+        peak_rss_bytes,
+        static_tensor_bytes,
+        step_peak_bytes,
+    )
     from megatron_llama.data.batches import SyntheticTokens, TrainData
     from megatron_llama.model.build import build_model
     from megatron_llama.model.config import to_transformer_config
@@ -229,7 +233,7 @@ def run_benchmark(bc: BenchConfig, timeout: float = 1800.0) -> dict:
         init_distributed()
         per_rank = [run_rank(bc)]
     else:
-        from megatron_llama.launch.local import run_processes
+        from megatron_llama.local_ranks import run_processes
 
         os.environ.setdefault("PYTHONWARNINGS", "ignore")
         with tempfile.TemporaryDirectory(prefix="megatron_llama_bench_") as tmp:

@@ -5,20 +5,8 @@ anywhere and is tested exactly. Notation: s sequence, b micro batch, h dim, a he
 width, V vocabulary, L layers, t TP, p PP, v VP, d DP, m microbatches per pipeline, B bytes
 per activation element.
 
-Memory per GPU (the worst pipeline stage; first and last are both evaluated):
-- weights: stage parameters / t (norm weights replicated) x parameter bytes;
-- gradients: megatron-core DDP keeps an fp32 buffer (``grad_reduce_in_fp32``): 4 bytes each;
-- optimizer: Adam moments (8 bytes) + fp32 main weights (4, only when weights are not fp32),
-  divided by d with the distributed optimizer;
-- activations, counted the way Korthikanti et al. 2022 count them (tensors autograd keeps
-  per layer), for LLaMA's layer as built here (`activation_units`), times the microbatches in
-  flight (p on the first 1F1B stage, times 1 + (p-1)/(p v) when interleaved). SP divides the
-  norm/residual part by t; selective recompute stores the same with flash attention; full
-  recompute keeps each layer's input only. Attention is
-  flash-style (the paper's xformers kernel; SDPA here), so no s^2 scores are stored;
-- transient: the larger of the last stage's fp32 logits/softmax s b V / t (plus the output
-  layer's weight gradient before it joins the fp32 buffer) and, under full recompute, one
-  layer's activations being recomputed (the logits are gone by then).
+Memory per GPU is `training.memory.memory_per_gpu` (also what `pretrain` checks before it
+starts).
 Time per step: FLOPs at ``efficiency`` x peak, the pipeline bubble, tensor-parallel
 collectives on the critical path, the data-parallel reduce-scatter / all-gather minus what
 hides behind the last microbatch's backward / the first one's forward, and pipeline p2p.
@@ -30,11 +18,16 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Optional
 
 from megatron_llama.errors import ConfigError
 from megatron_llama.model.config import LlamaConfig, get_preset
-from megatron_llama.parallel import ParallelLayout
+from megatron_llama.training.memory import (  # noqa: F401
+    Memory,
+    PlanLayout,
+    activation_units,
+    memory_per_gpu,
+    stage_params,
+)
 
 PUE = 1.1                 # paper, Table 15
 # Fraction of the dense peak the matmuls and attention reach. Calibrated on the one
@@ -64,127 +57,6 @@ GPUS = {
     "a100-40gb": GPUSpec("A100-SXM4-40GB", 312.0, 40.0, 400.0, 240.0, 25.0),
     "h100-80gb": GPUSpec("H100-SXM5-80GB", 989.0, 80.0, 700.0, 370.0, 50.0),
 }
-
-
-@dataclass(frozen=True)
-class PlanLayout:
-    tp: int = 1
-    pp: int = 1
-    dp: int = 1
-    vp: Optional[int] = None
-    sp: bool = False
-    micro_batch: int = 1
-    recompute: str = "none"            # none | selective | full
-    distributed_optimizer: bool = True
-
-    @property
-    def gpus(self) -> int:
-        return self.tp * self.pp * self.dp
-
-    def __post_init__(self) -> None:
-        if self.recompute not in ("none", "selective", "full"):
-            raise ConfigError(f"recompute must be none, selective or full, not {self.recompute!r}")
-        for name in ("tp", "pp", "dp", "micro_batch"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
-
-    def parallel(self) -> ParallelLayout:
-        return ParallelLayout(tp=self.tp, pp=self.pp, vp=self.vp, sp=self.sp)
-
-    def describe(self) -> str:
-        vp = f" VP={self.vp}" if self.vp else ""
-        return (f"TP={self.tp}{'+SP' if self.sp else ''} PP={self.pp}{vp} DP={self.dp} "
-                f"mb={self.micro_batch} rc={self.recompute}"
-                f"{' distopt' if self.distributed_optimizer else ''}")
-
-
-@dataclass
-class Memory:
-    """Bytes per GPU on the worst stage."""
-
-    weights: float
-    gradients: float
-    optimizer: float
-    activations: float
-    transient: float        # largest short-lived block: logits/softmax or a recomputed layer
-    stage: str = "first"
-
-    @property
-    def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.transient
-
-
-# ---- memory -----------------------------------------------------------------------------
-def stage_params(cfg: LlamaConfig, tp: int, pp: int, first: bool, last: bool) -> int:
-    """Parameters one GPU holds on a first / last pipeline stage (padded vocab, TP slice)."""
-    h, layers = cfg.dim, cfg.n_layers // pp
-    norms = 2 * h                                       # replicated across TP
-    params = layers * ((cfg.layer_params() - norms) // tp + norms)
-    vocab_rows = cfg.padded_vocab_size(tp) // tp
-    if first:
-        params += vocab_rows * h                        # input embedding
-    if last:
-        params += vocab_rows * h + h                    # output layer + final norm
-    return params
-
-
-def activation_units(cfg: LlamaConfig, tp: int, sp: bool, recompute: str) -> float:
-    """Stored activations of one layer in units of s*b*h elements (this implementation).
-
-    - each RMSNorm keeps its input, the normalised tensor and the weighted output: 3 per norm,
-      6 per layer, replicated over TP unless SP splits the sequence;
-    - attention (per TP rank): the fused QKV output (1 + 2 kv/a), rotated q and k (1 + kv/a),
-      SDPA's output and the [s, b, h] copy `linear_proj` keeps: 4 + 3 kv/a;
-    - SwiGLU (per TP rank): fc1's [gate; up] output 2f, silu(gate) f, the product f: 4 f / h.
-    Full recompute keeps only the layer input. Selective (core attention) recompute keeps
-    the same tensors with a flash-style kernel (its q, k, v inputs are kept for the recompute,
-    its output for `linear_proj`; measured identical on CPU): it only saves the s^2 scores of
-    non-flash kernels, which are not stored here in the first place.
-    """
-    r = cfg.num_kv_heads / cfg.n_heads
-    replicated = 6.0 / (tp if sp else 1)
-    if recompute == "full":
-        return 1.0 / (tp if sp else 1)
-    attention = 4.0 + 3.0 * r
-    mlp = 4.0 * cfg.ffn_hidden_size / cfg.dim
-    return replicated + (attention + mlp) / tp
-
-
-def memory_per_gpu(cfg: LlamaConfig, lay: PlanLayout, seq: int, microbatches: int,
-                   param_bytes: int = 2, act_bytes: Optional[int] = None) -> Memory:
-    """Predicted peak bytes per GPU for ``lay`` (see the module docstring), worst stage."""
-    act_bytes = act_bytes or param_bytes
-    h, s, b, t, p = cfg.dim, seq, lay.micro_batch, lay.tp, lay.pp
-    sbh = s * b * h
-    layers = cfg.n_layers // p
-    in_flight = min(p, microbatches)
-    if lay.vp and lay.vp > 1:
-        in_flight *= 1 + (p - 1) / (p * lay.vp)
-    full_layer = activation_units(cfg, t, lay.sp, "none") * sbh * act_bytes
-    per_layer = activation_units(cfg, t, lay.sp, lay.recompute) * sbh * act_bytes
-    final_norm = 3 * sbh * act_bytes / (t if lay.sp else 1)
-    recompute_buffer = full_layer if lay.recompute == "full" else 0.0
-    optimizer_bytes = 8 + (4 if param_bytes != 4 else 0)
-    results = []
-    for first, last in {(True, p == 1), (p == 1, True)}:
-        params = stage_params(cfg, t, p, first, last)
-        # the last stage holds one microbatch's activations at its peak (1F1B), the first p
-        stage_in_flight = in_flight if first else 1
-        acts = layers * per_layer * stage_in_flight
-        logits = 0.0
-        if last:
-            rows = cfg.padded_vocab_size(t) // t
-            # fp32 softmax of the logits (+ the low-precision logits when not fp32),
-            # and the output layer's weight gradient before it joins the fp32 buffer
-            logits = s * b * rows * (4 + (param_bytes if param_bytes != 4 else 0)) \
-                + rows * h * 4 + final_norm
-        results.append(Memory(
-            weights=params * param_bytes, gradients=params * 4.0,
-            optimizer=params * optimizer_bytes / (lay.dp if lay.distributed_optimizer else 1),
-            # the logits are freed before the backward reaches the recomputed layers
-            activations=acts, transient=max(logits, recompute_buffer),
-            stage="first" if first else "last"))
-    return max(results, key=lambda m: m.total)
 
 
 # ---- time and communication --------------------------------------------------------------

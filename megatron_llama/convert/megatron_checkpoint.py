@@ -27,7 +27,12 @@ from typing import Optional
 
 import torch
 
-from megatron_llama.checkpoint_files import METADATA, TRACKER, iteration_dir, latest_iteration
+from megatron_llama.checkpoint_files import (
+    METADATA,
+    TRACKER,
+    iteration_dir,
+    latest_iteration,
+)
 from megatron_llama.convert.source import WeightSource
 from megatron_llama.errors import ConfigError, read_json_object
 from megatron_llama.model.canonical import (
@@ -183,7 +188,9 @@ def _region_planner(regions: dict[str, list[int]]):
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
     from torch.distributed.checkpoint.planner import LoadPlan
-    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+    from torch.distributed.checkpoint.planner_helpers import (
+        create_read_items_for_chunk_list,
+    )
 
     class Planner(DefaultLoadPlanner):
         def create_local_plan(self):
@@ -205,7 +212,9 @@ class _StreamingSave:
     """megatron-core's torch_dist save, with tensors produced on demand (see module doc)."""
 
     def __init__(self, produce):
-        from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+        from megatron.core.dist_checkpointing.strategies.torch import (
+            TorchDistSaveShardedStrategy,
+        )
 
         class Strategy(TorchDistSaveShardedStrategy):
             def save(self, sharded_state_dict, checkpoint_dir):

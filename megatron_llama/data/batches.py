@@ -70,12 +70,12 @@ def build_train_data(cfg, dp_size: int, dp_rank: int, vocab_size: int,
         train = SyntheticTokens(vocab_size, cfg.seq_length, samples, cfg.seed)
         valid = SyntheticTokens(vocab_size, cfg.seq_length, valid_samples, cfg.seed + 1)
     else:
-        from megatron_llama.data.blend import build_gpt_datasets, load_blend
+        from megatron_llama.data.blend import build_gpt_datasets, resolve_data
 
         if eod is None:
             raise ConfigError("training on a data blend needs --tokenizer (for the EOS id)")
         train, valid, _ = build_gpt_datasets(
-            load_blend(cfg.data_blend), vocab_size=vocab_size, eod=eod,
+            resolve_data(cfg.data_blend), vocab_size=vocab_size, eod=eod,
             seq_length=cfg.seq_length, samples=(samples, max(valid_samples, 1), 0),
             seed=cfg.seed, cache_dir=_cache_dir(cfg))
     return TrainData(train, valid, cfg.global_batch, cfg.micro_batch, dp_size, dp_rank)

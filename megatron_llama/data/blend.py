@@ -9,6 +9,10 @@ sources:
     epochs: 1.10             # optional, documentation (the paper's Table 1)
 ```
 
+`pretrain --data` also takes Megatron-LM's forms (`resolve_data`): one dataset prefix
+(``--data data/code``, weight 1), or weight / prefix pairs (``--data 0.3 data/code 0.7
+data/prose``). `preprocess --blend FILE` adds its output to a blend YAML (`add_to_blend`).
+
 `build_gpt_datasets` hands the blend to megatron-core's ``BlendedMegatronDatasetBuilder``
 with ``GPTDataset``: each source is split train/valid/test, sequences are sampled across
 documents (EOS separates them), and ``BlendedDataset`` interleaves sources by weight.
@@ -73,15 +77,91 @@ class DataBlend:
                                       "change the split")
 
 
+DATA_FORMS = ("a blend YAML, a dataset prefix (PREFIX.bin/.idx from `megatron-llama "
+              "preprocess`) or weight/prefix pairs like 0.3 A 0.7 B")
+
+
+def _dataset_prefix(value: str) -> Optional[str]:
+    """``value`` as the prefix of an existing indexed dataset, or None."""
+    prefix = value[:-4] if value.endswith((".bin", ".idx")) else value
+    if value.endswith((".yaml", ".yml")):
+        return None
+    if os.path.isfile(prefix + ".bin") or os.path.isfile(prefix + ".idx"):
+        return prefix
+    return None
+
+
+def resolve_data(spec) -> DataBlend:
+    """The blend `pretrain --data` names: a YAML file, one prefix, or weight/prefix pairs."""
+    values = [spec] if isinstance(spec, str) else [str(v) for v in spec]
+    if not values:
+        raise ConfigError(f"--data is empty: pass {DATA_FORMS}")
+    if len(values) == 1:
+        value = values[0]
+        if os.path.isdir(value):
+            raise ConfigError(f"{value}: is a directory; --data takes {DATA_FORMS}")
+        prefix = _dataset_prefix(value)
+        if prefix is None:
+            return load_blend(value)
+        return DataBlend((Source(os.path.basename(prefix), os.path.abspath(prefix), 1.0),),
+                         path=prefix)
+    if len(values) % 2:
+        raise ConfigError(f"--data {' '.join(values)}: several values must be weight/prefix "
+                          "pairs, e.g. --data 0.3 data/code 0.7 data/prose")
+    sources = []
+    for weight, value in zip(values[::2], values[1::2]):
+        try:
+            w = float(weight)
+        except ValueError:
+            raise ConfigError(f"--data: {weight!r} is not a weight (pairs: WEIGHT PREFIX ...)"
+                              ) from None
+        if w <= 0:
+            raise ConfigError(f"--data: weight {weight} of {value} must be > 0")
+        prefix = _dataset_prefix(value)
+        if prefix is None:
+            raise ConfigError(f"{value}: no {value}.bin/.idx (run `megatron-llama preprocess` "
+                              "first)")
+        sources.append(Source(os.path.basename(prefix), os.path.abspath(prefix), w))
+    return DataBlend(tuple(sources), path="--data")
+
+
+def add_to_blend(blend_path: str, prefix: str, weight: float = 1.0,
+                 name: Optional[str] = None) -> str:
+    """Add (or update) the source ``prefix`` in the blend YAML ``blend_path``, creating the
+    file if needed; prefixes are stored relative to the file. Returns ``blend_path``."""
+    import yaml
+
+    from megatron_llama.fileio import write_text
+
+    raw: dict = {"split": "969,30,1", "sources": []}
+    if os.path.exists(blend_path):
+        load_blend(blend_path)  # refuse to edit a broken file
+        with open(blend_path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    base = os.path.dirname(os.path.abspath(blend_path))
+    relative = os.path.relpath(os.path.abspath(prefix), base)
+    name = name or os.path.basename(prefix)
+    entry = {"name": name, "prefix": relative, "weight": float(weight)}
+    kept = [s for s in raw["sources"]
+            if os.path.abspath(os.path.join(base, str(s["prefix"]))) != os.path.abspath(prefix)]
+    raw["sources"] = kept + [entry]
+    write_text(blend_path, yaml.safe_dump(raw, sort_keys=False))
+    return blend_path
+
+
 def load_blend(path: str) -> DataBlend:
     """Read and validate a blend YAML; prefixes become absolute (relative to the file)."""
     import yaml
 
+    if os.path.isdir(path):
+        raise ConfigError(f"{path}: is a directory, not a blend YAML")
     try:
         with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: blend file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read it as a blend YAML ({e})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("sources"), list) or not raw["sources"]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from megatron_llama.data.sources import TXT_DOCUMENTS
+
 
 def cmd_corpus(args: argparse.Namespace) -> int:
     from megatron_llama.data.corpus import build_builtin_corpus
@@ -28,12 +30,20 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from megatron_llama.data.preprocess import preprocess
+    from megatron_llama.data.blend import add_to_blend, load_blend
+    from megatron_llama.data.preprocess import check_output_prefix, preprocess
 
+    check_output_prefix(args.output_prefix)
+    if args.blend and os.path.exists(args.blend):
+        load_blend(args.blend)  # a broken blend file is refused before the work, not after
     stats = preprocess(args.input, args.output_prefix, args.tokenizer, workers=args.workers,
                        text_key=args.text_key, add_bos=args.add_bos,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, txt_documents=args.txt_documents)
     print(f"wrote {args.output_prefix}.bin/.idx: {stats.summary()}")
+    if args.blend:
+        add_to_blend(args.blend, args.output_prefix, args.blend_weight)
+        print(f"added {args.output_prefix} (weight {args.blend_weight:g}) to {args.blend}; "
+              f"train on it with: megatron-llama pretrain --data {args.blend} ...")
     for record in stats.bad_examples:
         print(f"  skipped {record}")
     if stats.bad_total > len(stats.bad_examples):
@@ -72,7 +82,7 @@ def add_command(subparsers) -> None:
     pre = subparsers.add_parser(
         "preprocess", help="tokenize text/jsonl into a megatron-core indexed dataset",
         description="Tokenize .txt/.jsonl(.gz) into <prefix>.bin/.idx with EOS after every "
-        "document, on several worker processes, in constant memory, with a progress bar. The "
+        "document (a .txt line, paragraph or file: --txt-documents), on several worker processes, in constant memory, with a progress bar. The "
         "output appears only when complete. Bad records (invalid JSON or UTF-8, missing or "
         "empty text) are skipped, counted and listed in <prefix>.skipped.txt.")
     pre.add_argument("--input", nargs="+", required=True,
@@ -83,5 +93,13 @@ def add_command(subparsers) -> None:
                      help="tokenizer processes (default: all cores)")
     pre.add_argument("--text-key", default="text", help="JSON field holding the text (text)")
     pre.add_argument("--add-bos", action="store_true", help="also put BOS before each document")
+    pre.add_argument("--txt-documents", choices=TXT_DOCUMENTS, default="line",
+                     help="how .txt inputs are cut into documents: one per line (default; blank "
+                          "lines skipped), paragraphs separated by blank lines, or one per file")
+    pre.add_argument("--blend", default=None, metavar="BLEND.yaml",
+                     help="also add the output to this blend YAML (created if missing), the "
+                          "file `pretrain --data` reads")
+    pre.add_argument("--blend-weight", type=float, default=1.0,
+                     help="the output's weight in --blend (1.0; weights are normalised)")
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
     pre.set_defaults(func=cmd_preprocess)

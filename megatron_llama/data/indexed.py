@@ -19,6 +19,8 @@ from typing import Optional
 
 import numpy as np
 
+from megatron_llama.fileio import respect_umask
+
 _HEADER = b"MMIDIDX\x00\x00"
 _DTYPE_CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5,
                 np.float64: 6, np.float32: 7, np.uint16: 8}
@@ -84,6 +86,7 @@ class IndexedDatasetWriter:
         # Drop an old index first: a reader then sees either no dataset or the new pair.
         if os.path.exists(self.prefix + ".idx"):
             os.unlink(self.prefix + ".idx")
+        respect_umask(self._tmp_bin.name)  # NamedTemporaryFile made it 0600
         os.replace(self._tmp_bin.name, self.prefix + ".bin")
         os.replace(self._tmp_idx, self.prefix + ".idx")
         os.unlink(self._tmp_len.name)

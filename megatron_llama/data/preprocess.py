@@ -23,6 +23,7 @@ import numpy as np
 from megatron_llama.data.indexed import IndexedDatasetWriter
 from megatron_llama.data.sources import BadRecord, LineReader, check_inputs, input_kind
 from megatron_llama.data.tokenizer import Tokenizer, token_dtype
+from megatron_llama.errors import ConfigError
 
 BATCH_BYTES = 1 << 20
 
@@ -53,6 +54,9 @@ class PreprocessStats:
 
 def _init_worker(model_path: str) -> None:
     global _worker_tokenizer
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle, once
     _worker_tokenizer = Tokenizer(model_path)
 
 
@@ -80,10 +84,10 @@ def encode_batch(kind: str, text_key: str, add_bos: bool, lines: list[tuple[int,
     return flat.astype(token_dtype(tok.vocab_size)), lengths, bad
 
 
-def _batches(reader: LineReader):
-    """Yield (lines, on-disk position after them) in batches of about BATCH_BYTES."""
+def _batches(reader: LineReader, kind: str, txt_documents: str):
+    """Yield (records, on-disk position after them) in batches of about BATCH_BYTES."""
     lines, size = [], 0
-    for number, raw in reader:
+    for number, raw in reader.records(kind, txt_documents):
         lines.append((number, raw))
         size += len(raw) + 1
         if size >= BATCH_BYTES:
@@ -93,14 +97,28 @@ def _batches(reader: LineReader):
         yield lines, reader.position
 
 
+def check_output_prefix(prefix: str) -> None:
+    """A prefix names files: ``data/`` or an existing directory is refused (it would write
+    hidden ``data/.bin``)."""
+    if not prefix or prefix.endswith(("/", os.sep)) or os.path.isdir(prefix) \
+            or not os.path.basename(prefix):
+        example = os.path.join(prefix.rstrip("/" + os.sep) or ".", "mydata")
+        raise ConfigError(f"{prefix}: is a directory; --output-prefix names the dataset files, "
+                          f"e.g. {example} (writes {example}.bin and .idx)")
+
+
 def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, *,
                workers: int = 1, text_key: str = "text", add_bos: bool = False,
-               progress: bool = True, show_bad: int = 10) -> PreprocessStats:
-    """Tokenize ``inputs`` into ``<output_prefix>.bin/.idx`` (see module docstring)."""
+               progress: bool = True, show_bad: int = 10,
+               txt_documents: str = "line") -> PreprocessStats:
+    """Tokenize ``inputs`` into ``<output_prefix>.bin/.idx`` (see module docstring).
+
+    ``txt_documents``: how .txt inputs are cut into documents (`sources.TXT_DOCUMENTS`)."""
     import multiprocessing as mp
 
     from tqdm import tqdm
 
+    check_output_prefix(output_prefix)
     check_inputs(inputs)
     tokenizer = Tokenizer(tokenizer_model)
     stats = PreprocessStats(bytes=sum(os.path.getsize(p) for p in inputs))
@@ -133,7 +151,7 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, *,
                         _postfix(bar, writer, start)
 
                 with LineReader(path) as reader:
-                    for lines, position in _batches(reader):
+                    for lines, position in _batches(reader, kind, txt_documents):
                         if pool is None:
                             result = _Done(encode_batch(kind, text_key, add_bos, lines, tokenizer))
                         else:

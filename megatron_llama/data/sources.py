@@ -1,6 +1,8 @@
 """Reading raw text inputs: .txt, .jsonl and their .gz forms, with bad records accounted for.
 
-- ``.txt`` / ``.txt.gz``: one document per line.
+- ``.txt`` / ``.txt.gz``: by ``txt_documents`` (`TXT_DOCUMENTS`): one document per line
+  (``line``, blank lines are skipped), paragraphs separated by blank lines (``paragraph``),
+  or the whole file (``file``).
 - ``.jsonl`` / ``.jsonl.gz`` (also ``.json``): one JSON object per line, text in ``text_key``.
 
 Lines are read as bytes and streamed (memory does not grow with the input). A record that
@@ -19,6 +21,7 @@ from typing import BinaryIO, Callable, Iterator, Optional
 
 from megatron_llama.errors import ConfigError
 
+TXT_DOCUMENTS = ("line", "paragraph", "file")
 KINDS = {".txt": "txt", ".txt.gz": "txt", ".jsonl": "jsonl", ".jsonl.gz": "jsonl",
          ".json": "jsonl", ".json.gz": "jsonl"}
 
@@ -86,6 +89,32 @@ class LineReader:
         except (OSError, EOFError, gzip.BadGzipFile) as e:  # truncated or corrupt .gz
             raise ConfigError(f"{self.path}: cannot read ({e})") from None
 
+    def records(self, kind: str, txt_documents: str = "line") -> Iterator[tuple[int, bytes]]:
+        """(line number where it starts, raw bytes) of each record of this file: a line of
+        a .jsonl file; of a .txt file a line, a paragraph or the whole file. Blank lines of a
+        .txt file only separate documents: they are not records."""
+        if kind != "txt":
+            yield from self
+            return
+        if txt_documents not in TXT_DOCUMENTS:
+            raise ValueError(f"txt_documents must be one of {TXT_DOCUMENTS}")
+        if txt_documents == "line":
+            yield from ((n, raw) for n, raw in self if raw.strip())
+            return
+        lines: list[bytes] = []
+        first = 0
+        for number, raw in self:
+            if txt_documents == "paragraph" and not raw.strip():
+                if lines:
+                    yield first, b"\n".join(lines)
+                lines = []
+                continue
+            if not lines:
+                first = number
+            lines.append(raw)
+        if lines:
+            yield first, b"\n".join(lines)
+
     def close(self) -> None:
         self._stream.close()
         self._raw.close()
@@ -123,13 +152,14 @@ def parse_record(raw: bytes, kind: str, text_key: str = "text") -> tuple[Optiona
 
 
 def iter_documents(paths: list[str], text_key: str = "text",
-                   on_bad: Optional[Callable[[BadRecord], None]] = None) -> Iterator[Document]:
+                   on_bad: Optional[Callable[[BadRecord], None]] = None,
+                   txt_documents: str = "line") -> Iterator[Document]:
     """Every good document of ``paths`` in order; bad records go to ``on_bad`` (if given)."""
     check_inputs(paths)
     for path in paths:
         kind = input_kind(path)
         with LineReader(path) as reader:
-            for number, raw in reader:
+            for number, raw in reader.records(kind, txt_documents):
                 text, reason = parse_record(raw, kind, text_key)
                 if text is not None:
                     yield Document(path, number, text)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
+from megatron_llama.errors import ConfigError
 from megatron_llama.fileio import write_text
 from megatron_llama.launch.slurm import Cluster, render_script
 
@@ -37,8 +39,19 @@ def cmd_sbatch(args: argparse.Namespace) -> int:
                               checkpoint_dir=absolute(args.checkpoint_dir),
                               train_steps=args.train_steps, extra_args=extra)
     output = args.output or f"{cluster.job_name or 'llama-' + s['preset']}.sbatch"
+    folder = os.path.dirname(os.path.abspath(output))
+    if os.path.exists(output) and not args.force:
+        raise ConfigError(f"{output}: already exists (pass --force to replace it)")
+    if not os.path.isdir(folder):
+        raise ConfigError(f"{folder}: no such directory for --output (create it first)")
+    for flag, path in (("--data", args.data), ("--tokenizer", args.tokenizer)):
+        if path and not os.path.exists(path):
+            print(f"warning: {flag} {absolute(path)} does not exist on this machine; it must "
+                  "exist on the cluster's nodes when the job runs", file=sys.stderr)
     write_text(output, script, executable=True)
-    os.makedirs(cluster.run_root, exist_ok=True)  # sbatch does not create the --output folder
+    if not os.path.isdir(cluster.run_root):
+        os.makedirs(cluster.run_root)  # sbatch does not create the folder of its --output
+        print(f"created {cluster.run_root} (job logs and per-job folders)")
     vp = f" VP={s['vp']}" if s["vp"] else ""
     print(f"wrote {output}: {s['preset']} on {cluster.nodes} nodes x {cluster.ntasks_per_node} "
           f"tasks = {s['world_size']}, TP={s['tp']}{' (SP)' if s['sp'] == '1' else ''} "
@@ -93,6 +106,7 @@ def add_command(subparsers) -> None:
     c.add_argument("--signal-seconds", type=int, default=None,
                    help="SIGUSR1 this many seconds before the time limit (preset's)")
     c.add_argument("--output", default=None, help="script to write (<job name>.sbatch)")
+    c.add_argument("--force", action="store_true", help="replace an existing --output")
     lay = p.add_argument_group("layout and recipe (default: the preset's settings file)")
     lay.add_argument("--tp", type=int, default=None, help="tensor-parallel size")
     lay.add_argument("--pp", type=int, default=None, help="pipeline-parallel size")

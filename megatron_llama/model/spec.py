@@ -68,7 +68,10 @@ def get_llama_layer_spec(backend: Optional[str] = None, attention: str = "sdpa")
     backend only); the tests use it to show that `SDPAttention` computes the same thing.
     """
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+    from megatron.core.transformer.attention import (
+        SelfAttention,
+        SelfAttentionSubmodules,
+    )
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.identity_op import IdentityOp
     from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -88,7 +91,10 @@ def get_llama_layer_spec(backend: Optional[str] = None, attention: str = "sdpa")
     if backend != "local":
         raise ValueError(f"unknown layer backend {backend!r} (te or local)")
 
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+    )
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     from megatron_llama.model.layers import RMSNorm, SDPAttention

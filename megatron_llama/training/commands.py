@@ -41,7 +41,7 @@ def _add_field(group, cls, f: dataclasses.Field, *, help: str, default: Any) -> 
     choices = f.metadata.get("choices")
     group.add_argument(_flag(f), dest=f.name, type=kind, default=default, choices=choices,
                        metavar=None if choices else _flag(f)[2:].replace("-", "_").upper(),
-                       help=help)
+                       nargs=f.metadata.get("nargs"), help=help)
 
 
 def add_pretrain_args(p: argparse.ArgumentParser) -> None:
@@ -68,6 +68,13 @@ def add_pretrain_args(p: argparse.ArgumentParser) -> None:
                                         help="random tokens (benchmarking)")
 
 
+def _one_or_list(values):
+    """``--data X`` as the string X, several values as their list (weight/prefix pairs)."""
+    if values is None or isinstance(values, str):
+        return values
+    return values[0] if len(values) == 1 else list(values)
+
+
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The `TrainConfig` of parsed `pretrain` flags; unset derived values from the preset."""
     import torch
@@ -88,22 +95,27 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         lr=values["lr"] or preset.lr,
         dtype=values["dtype"] or ("bf16" if torch.cuda.is_available() else "fp32"),
         load_dir=values["load_dir"] or values["save_dir"],
-        data_blend=None if args.synthetic else values["data_blend"])
+        data_blend=None if args.synthetic else _one_or_list(values["data_blend"]))
     layout = ParallelLayout(**{f.name: getattr(args, f.name)
                                for f in dataclasses.fields(ParallelLayout)})
     return TrainConfig(model=model, layout=layout, **values)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from megatron_llama.parallel import relaunch_with_torchrun, under_launcher
+    from megatron_llama.local_ranks import run_cli_ranks, under_launcher
+    from megatron_llama.training.loop import preflight, pretrain
 
     if not args.data_blend and not args.synthetic:
-        raise ConfigError("pass --data BLEND.yaml (with --tokenizer) or --synthetic")
+        raise ConfigError("pass --data (a blend YAML, a dataset prefix, or weight/prefix pairs) "
+                          "with --tokenizer, or --synthetic")
+    cfg = train_config_from_args(args)
     if args.nproc_per_node and args.nproc_per_node > 1 and not under_launcher():
-        return relaunch_with_torchrun(args.nproc_per_node, sys.argv[1:])
-    from megatron_llama.training.loop import pretrain
-
-    summary = pretrain(train_config_from_args(args))
+        # everything that can be refused is refused here, once, before any rank starts
+        preflight(cfg, args.nproc_per_node, ranks_here=args.nproc_per_node, warn=False)
+        return run_cli_ranks(args.nproc_per_node, sys.argv[1:])
+    summary = pretrain(cfg)
+    if summary.get("interrupted"):
+        return 130  # Ctrl-C: the checkpoint (if --save) is complete, the exit says why
     return 0 if summary["status"] else 1
 
 

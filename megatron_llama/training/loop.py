@@ -15,19 +15,27 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import asdict
+from typing import Optional
 
 import torch
 
 from megatron_llama.errors import ConfigError
 from megatron_llama.model.config import to_transformer_config
-from megatron_llama.training.recipe import TrainConfig
+from megatron_llama.training.recipe import (
+    SCHEDULE_FIELDS,
+    TrainConfig,
+    describe_schedule,
+    schedule_of,
+)
 
 _signal_received = {"value": 0}
 # Fault injection for tests and drills (documented in the README):
 SIGKILL_TEST_ENV = "MEGATRON_LLAMA_TEST_SIGKILL_AFTER"  # SIGKILL itself after saving step N
 NAN_TEST_ENV = "MEGATRON_LLAMA_TEST_NAN_STEPS"  # comma-separated steps whose loss becomes NaN
+FAIL_RANK_TEST_ENV = "MEGATRON_LLAMA_TEST_FAIL_RANK"  # this rank raises before its first step
 
 
 def _on_signal(signum, frame) -> None:
@@ -38,17 +46,41 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def pretrain(cfg: TrainConfig) -> dict:
-    """Run (or resume) pretraining; returns a summary (last step, losses, status)."""
-    from megatron_llama.parallel import destroy, init_distributed, initialize, launcher_world_size
+def preflight(cfg: TrainConfig, world_size: int, ranks_here: Optional[int] = None,
+              warn: bool = True):
+    """Every check a run must pass before any process group, weight or worker exists: the
+    recipe's and the engine's rules, the tokenizer against the model, the data, the memory.
+    Returns the tokenizer (or None). `training.commands` runs it before spawning local ranks,
+    `pretrain` again in every rank (warnings from rank 0 only)."""
     from megatron_llama.training import engines
+    from megatron_llama.training.memory import check_memory_fits
 
-    engines.check(cfg, launcher_world_size())  # refuse impossible layouts before any work
+    engines.check(cfg, world_size)  # refuse impossible layouts before any work
     tokenizer = _load_tokenizer(cfg)
     if cfg.data_blend is not None:  # a bad --data fails now, before the model is built
-        from megatron_llama.data.blend import load_blend
+        from megatron_llama.data.blend import resolve_data
 
-        load_blend(cfg.data_blend).check_files()
+        resolve_data(cfg.data_blend).check_files()
+    warn = warn and int(os.environ.get("RANK", 0)) == 0
+    if warn and cfg.train_steps <= cfg.warmup_steps and cfg.warmup_steps > 0:
+        print(f"warning: {cfg.warmup_steps} warmup steps do not fit in {cfg.train_steps} "
+              f"training steps; warming up over {cfg.warmup} step(s) and decaying over the "
+              f"rest (set --warmup-steps to choose)", file=sys.stderr, flush=True)
+    if not cfg.skip_memory_check:
+        check_memory_fits(cfg, world_size, ranks_here)
+    return tokenizer
+
+
+def pretrain(cfg: TrainConfig) -> dict:
+    """Run (or resume) pretraining; returns a summary (last step, losses, status)."""
+    from megatron_llama.parallel import (
+        destroy,
+        init_distributed,
+        initialize,
+        launcher_world_size,
+    )
+
+    tokenizer = preflight(cfg, launcher_world_size())
     rank, world = init_distributed()
     initialize(cfg.layout, seed=cfg.seed)
     try:
@@ -64,16 +96,23 @@ def _train(cfg: TrainConfig, tokenizer, rank: int, world: int) -> dict:
     from megatron_llama.data.batches import build_train_data
     from megatron_llama.model.build import build_model
     from megatron_llama.training.engines import create_engine
-    from megatron_llama.training.metrics import RunLog, flops_per_token, memory_gb, peak_tflops
+    from megatron_llama.training.metrics import (
+        RunLog,
+        flops_per_token,
+        memory_gb,
+        peak_tflops,
+    )
 
     tconfig = to_transformer_config(cfg.model, cfg.layout, dtype=cfg.dtype, recompute=cfg.recompute)
     chunks = build_model(cfg.model, tconfig)
     engine = create_engine(cfg, chunks, tconfig)
-    state = {"iteration": 0, "consumed_samples": 0, "updates": 0, "skipped": 0}
+    state = {"iteration": 0, "consumed_samples": 0, "updates": 0, "skipped": 0,
+             "schedule": schedule_of(cfg)}
     if cfg.load_dir:
         loaded = engine.load(cfg.load_dir, expected_model=_checkpoint_metadata(cfg)["model"])
         if loaded is not None:
             state.update(loaded)
+            state["schedule"] = _resumed_schedule(cfg, loaded.get("schedule"), rank)
     dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     data = build_train_data(cfg, dp_size, dp_rank, cfg.model.vocab_size,
                             tokenizer.eos_id if tokenizer else None)
@@ -91,11 +130,16 @@ def _train(cfg: TrainConfig, tokenizer, rank: int, world: int) -> dict:
               f"{cfg.micro_batch} x {cfg.seq_length}, {cfg.dtype}, peak {peak:.3f} TFLOP/s "
               f"({peak_source}); starting at step {state['iteration'] + 1}", flush=True)
     _signal_received["value"] = 0
-    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    # SIGTERM / SIGUSR1: Slurm's preemption warning; SIGINT: Ctrl-C (forwarded to every rank
+    # by `local_ranks.run_cli_ranks`). All three: finish this step, save, exit.
+    previous = {s: signal.signal(s, _on_signal)
+                for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     losses: dict[int, float] = {}
     status = "finished"
     kill_after = int(os.environ.get(SIGKILL_TEST_ENV, 0))
     nan_steps = {int(x) for x in os.environ.get(NAN_TEST_ENV, "").split(",") if x.strip()}
+    if os.environ.get(FAIL_RANK_TEST_ENV) == str(rank):
+        raise RuntimeError(f"fault injection: rank {rank} fails ({FAIL_RANK_TEST_ENV})")
     try:
         while state["iteration"] < cfg.train_steps:
             it = state["iteration"] + 1
@@ -137,7 +181,9 @@ def _train(cfg: TrainConfig, tokenizer, rank: int, world: int) -> dict:
             if stop_signal:
                 status = f"stopped by a signal after step {it}"
                 if rank == 0:
-                    print(f"{status}; checkpoint saved", flush=True)
+                    saved = (f"checkpoint saved in {cfg.save_dir} (the same command resumes)"
+                             if cfg.save_dir else "nothing saved (no --save)")
+                    print(f"{status}; {saved}", flush=True)
                 break
             if cfg.exit_after_steps and it >= cfg.exit_after_steps:
                 status = f"exit after {it} steps"
@@ -147,7 +193,27 @@ def _train(cfg: TrainConfig, tokenizer, rank: int, world: int) -> dict:
             signal.signal(s, handler)
         log.close()
     return {"status": status, "iteration": state["iteration"], "losses": losses,
+            "interrupted": _signal_received["value"] == signal.SIGINT,
             "skipped": state["skipped"]}
+
+
+def _resumed_schedule(cfg: TrainConfig, saved: Optional[dict], rank: int) -> dict:
+    """The schedule a resumed run follows: the checkpoint's (the engines keep it), unless
+    ``--override-schedule`` re-plans it from this run's flags; either way said once."""
+    current = schedule_of(cfg)
+    if saved is None or dict(saved) == current:
+        return current
+    changes = ", ".join(f"{k.replace('_', ' ')} {saved[k]} -> {current[k]}"
+                        for k in SCHEDULE_FIELDS if saved.get(k) != current[k])
+    if rank == 0:
+        if cfg.override_schedule:
+            print(f"re-planning the lr schedule from this run's flags ({changes}): "
+                  f"{describe_schedule(current)}", file=sys.stderr, flush=True)
+        else:
+            print(f"warning: this run's schedule differs from the checkpoint's ({changes}); "
+                  f"continuing the checkpoint's: {describe_schedule(saved)} "
+                  "(--override-schedule re-plans it)", file=sys.stderr, flush=True)
+    return current if cfg.override_schedule else dict(saved)
 
 
 def _crash() -> None:

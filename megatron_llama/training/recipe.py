@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from megatron_llama.errors import ConfigError
 from megatron_llama.model.config import LlamaConfig, Preset
@@ -25,7 +25,8 @@ ENGINES = ("megatron", "deepspeed")  # implemented in training/engines/
 
 
 def option(default: Any, help: str, *, group: str, flag: Optional[str] = None,
-           choices: Optional[tuple] = None, derived: bool = False) -> Any:
+           choices: Optional[tuple] = None, derived: bool = False,
+           nargs: Optional[str] = None) -> Any:
     """A `TrainConfig` field with its command-line flag.
 
     ``help`` explains the flag; the default is appended as "(default)" unless ``derived``:
@@ -33,7 +34,8 @@ def option(default: Any, help: str, *, group: str, flag: Optional[str] = None,
     preset or the host, as ``help`` says. ``flag`` overrides the name made from the field's
     (``warmup_steps`` -> ``--warmup-steps``)."""
     return field(default=default, metadata={"help": help, "group": group, "flag": flag,
-                                            "choices": choices, "derived": derived})
+                                            "choices": choices, "derived": derived,
+                                            "nargs": nargs})
 
 
 # The flag groups of `pretrain --help`, in order (model and parallelism come from LlamaConfig
@@ -77,8 +79,10 @@ class TrainConfig:
                             choices=("none", "selective", "full"))
     seed: int = option(1234, "random seed", group="recipe")
     # data
-    data_blend: Optional[str] = option(None, "blend YAML (see `megatron-llama preprocess`)",
-                                       group="data", flag="--data")
+    data_blend: Union[str, list, None] = option(
+        None, "a blend YAML, one dataset prefix (PREFIX.bin/.idx from `megatron-llama "
+        "preprocess`), or weight/prefix pairs: --data 0.3 data/code 0.7 data/prose",
+        group="data", flag="--data", nargs="+")
     tokenizer: Optional[str] = option(None, "SentencePiece model of the data", group="data")
     # checkpoints
     save_dir: Optional[str] = option(None, "checkpoint directory (dist_checkpointing)",
@@ -113,6 +117,11 @@ class TrainConfig:
                                      "step there", group="engine")
     deepspeed_config: Optional[str] = option(None, "DeepSpeed JSON merged over the config "
                                              "generated from these flags", group="engine")
+    override_schedule: bool = option(False, "on resume, re-plan the lr schedule from these flags "
+                                     "(default: continue the checkpoint's, with a warning "
+                                     "when they differ)", group="recipe")
+    skip_memory_check: bool = option(False, "start even when the predicted memory per rank "
+                                     "exceeds what this host has", group="engine")
 
     @property
     def min_lr(self) -> float:
@@ -148,6 +157,20 @@ class TrainConfig:
                         global_batch=max(1, preset.batch_tokens // seq))
         defaults.update(overrides)
         return cls(model=model, **defaults)
+
+
+SCHEDULE_FIELDS = ("lr", "min_lr_ratio", "warmup_steps", "train_steps")
+
+
+def schedule_of(cfg: TrainConfig) -> dict:
+    """What fixes the lr schedule, as saved with every checkpoint's train state."""
+    return {name: getattr(cfg, name) for name in SCHEDULE_FIELDS}
+
+
+def describe_schedule(schedule: dict) -> str:
+    s = schedule
+    return (f"peak {s['lr']:.3g}, {s['warmup_steps']} warmup steps, cosine to "
+            f"{s['min_lr_ratio']:.0%} at step {s['train_steps']}")
 
 
 def cli_fields() -> list[dataclasses.Field]:

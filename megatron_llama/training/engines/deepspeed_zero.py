@@ -18,6 +18,7 @@ and the learning rate of `recipe.lr_at` set on the optimizer before every update
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Optional
@@ -134,6 +135,7 @@ class DeepSpeedEngine(Engine):
             raise ConfigError("--engine deepspeed trains one model chunk (no virtual stages)")
         model = chunks[0]
         self.cfg = cfg
+        self.schedule = cfg  # what `lr_at` reads; a resume may keep the checkpoint's
         self.config = deepspeed_config(cfg, ps.get_data_parallel_world_size())
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.weight_decay),
@@ -171,7 +173,7 @@ class DeepSpeedEngine(Engine):
     def step(self, update_number: int) -> Optional[float]:
         """The optimizer step at the accumulation boundary, at the paper's lr for it."""
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(update_number, self.cfg)
+            group["lr"] = lr_at(update_number, self.schedule)
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else None
@@ -225,6 +227,9 @@ class DeepSpeedEngine(Engine):
         path, client = self.engine.load_checkpoint(root, tag=tag)
         if path is None:
             raise ConfigError(f"{os.path.join(root, tag)}: DeepSpeed could not load it")
+        saved = client["train_state"].get("schedule")
+        if saved and not self.cfg.override_schedule:  # continue the checkpoint's schedule
+            self.schedule = dataclasses.replace(self.cfg, **saved)
         return client["train_state"]
 
 

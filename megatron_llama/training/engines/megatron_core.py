@@ -139,6 +139,9 @@ def build_scheduler(optimizer, cfg: TrainConfig):
         end_wd=cfg.weight_decay,
         wd_incr_steps=max(cfg.train_steps, 1),
         wd_incr_style="constant",
+        # on resume: the checkpoint's schedule, or this run's with --override-schedule
+        use_checkpoint_opt_param_scheduler=not cfg.override_schedule,
+        override_opt_param_scheduler=cfg.override_schedule,
     )
 
 
@@ -199,7 +202,10 @@ class MegatronEngine(Engine):
                              train_state, metadata=metadata)
 
     def load(self, root: str, expected_model: Optional[dict]) -> Optional[dict]:
-        from megatron_llama.checkpoint_files import deepspeed_latest_tag, latest_iteration
+        from megatron_llama.checkpoint_files import (
+            deepspeed_latest_tag,
+            latest_iteration,
+        )
         from megatron_llama.training.engines import dist_checkpoint
 
         if deepspeed_latest_tag(root) is not None and latest_iteration(root) is None:

@@ -1,0 +1,288 @@
+"""A new user's path: own text, `--data` forms, one-line errors, memory, schedules, files."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from megatron_llama.errors import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args, env=None, timeout=600, cwd=None):
+    return subprocess.run([sys.executable, "-m", "megatron_llama.cli", *args], cwd=cwd or REPO,
+                          capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore", **(env or {})))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from megatron_llama.data.tokenizer import Tokenizer, train_tokenizer
+
+    d = tmp_path_factory.mktemp("tok")
+    text = d / "t.txt"
+    text.write_text("\n".join(f"line {i} of some words, more words {i * 7}" for i in range(400)))
+    return Tokenizer(train_tokenizer([str(text)], str(d / "tok"), vocab_size=300,
+                                     progress=False))
+
+
+def read_dataset(prefix):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(prefix)
+    return [ds[i].tolist() for i in range(len(ds))]
+
+
+def test_plain_text_documents_by_line_paragraph_or_file(tokenizer, tmp_path):
+    from megatron_llama.data.preprocess import preprocess
+
+    text = tmp_path / "book.txt"
+    text.write_text("First paragraph,\nits second line.\n\n\nSecond paragraph.\n\nThird\n")
+    eos = [tokenizer.eos_id]
+    expected = {
+        "line": ["First paragraph,", "its second line.", "Second paragraph.", "Third"],
+        "paragraph": ["First paragraph,\nits second line.", "Second paragraph.", "Third"],
+        "file": ["First paragraph,\nits second line.\n\n\nSecond paragraph.\n\nThird"],
+    }
+    for mode, docs in expected.items():
+        prefix = str(tmp_path / mode)
+        stats = preprocess([str(text)], prefix, tokenizer.model_path, progress=False,
+                           txt_documents=mode)
+        assert read_dataset(prefix) == [tokenizer.encode(d) + eos for d in docs], mode
+        assert stats.bad_total == 0, mode  # blank lines separate documents: not bad records
+
+
+def test_output_prefix_must_name_files(tokenizer, tmp_path):
+    from megatron_llama.data.preprocess import preprocess
+
+    text = tmp_path / "a.txt"
+    text.write_text("hello\n")
+    for prefix in (str(tmp_path) + "/", str(tmp_path)):
+        with pytest.raises(ConfigError, match="is a directory; --output-prefix names the "
+                                              "dataset files, e.g. .*mydata"):
+            preprocess([str(text)], prefix, tokenizer.model_path, progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["a.txt"]  # no hidden .bin/.idx
+
+
+def test_data_takes_yaml_prefix_or_weighted_pairs(tokenizer, tmp_path, capsys):
+    from megatron_llama import cli
+    from megatron_llama.data.blend import load_blend, resolve_data
+
+    for name in ("code", "prose"):
+        path = tmp_path / f"{name}.txt"
+        path.write_text("\n".join(f"{name} document {i}" for i in range(1200)))
+        blend = str(tmp_path / "blend.yaml")
+        assert cli.main(["preprocess", "--input", str(path), "--output-prefix",
+                         str(tmp_path / name), "--tokenizer", tokenizer.model_path,
+                         "--no-progress", "--blend", blend, "--blend-weight",
+                         "0.7" if name == "code" else "0.3"]) == 0
+    assert f"to {blend}; train on it with: megatron-llama pretrain --data {blend}" \
+        in capsys.readouterr().out
+    from_yaml = load_blend(blend)
+    assert [(s.name, s.prefix, s.weight) for s in from_yaml.sources] == [
+        ("code", str(tmp_path / "code"), 0.7), ("prose", str(tmp_path / "prose"), 0.3)]
+    assert "prefix: code" in open(blend).read()  # relative to the YAML: the folder can move
+    pairs = resolve_data(["0.7", str(tmp_path / "code"), "0.3", str(tmp_path / "prose.bin")])
+    assert pairs.sources == from_yaml.sources
+    one = resolve_data(str(tmp_path / "code"))
+    assert [(s.prefix, s.weight) for s in one.sources] == [(str(tmp_path / "code"), 1.0)]
+    one.check_files()
+    with pytest.raises(ConfigError, match="is a directory; --data takes a blend YAML, a "
+                                          "dataset prefix"):
+        resolve_data(str(tmp_path))
+    with pytest.raises(ConfigError, match="several values must be weight/prefix pairs"):
+        resolve_data(["0.7", str(tmp_path / "code"), "0.3"])
+    with pytest.raises(ConfigError, match="'code' is not a weight"):
+        resolve_data(["code", "0.7"])
+    with pytest.raises(ConfigError, match=r"missing: no missing.bin/.idx \(run"):
+        resolve_data(["1", "missing", "1", str(tmp_path / "code")])
+    with pytest.raises(ConfigError, match="is a directory, not a blend YAML"):
+        load_blend(str(tmp_path))
+
+
+def test_outputs_respect_the_umask(tokenizer, tmp_path):
+    from megatron_llama.data.preprocess import preprocess
+    from megatron_llama.fileio import staged_directory
+
+    text = tmp_path / "a.txt"
+    text.write_text("one\ntwo\n")
+    old = os.umask(0o022)
+    try:
+        preprocess([str(text)], str(tmp_path / "ds"), tokenizer.model_path, progress=False)
+        with staged_directory(str(tmp_path / "converted")) as tmp:
+            open(os.path.join(tmp, "params.json"), "w").close()
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+    assert mode(tmp_path / "ds.bin") == mode(tmp_path / "ds.idx") == 0o644
+    assert mode(tmp_path / "converted") == 0o755
+    assert mode(tmp_path / "converted" / "params.json") == 0o644
+
+
+def test_memory_is_checked_before_anything_starts():
+    from megatron_llama.model.config import get_preset
+    from megatron_llama.parallel import ParallelLayout
+    from megatron_llama.training import memory
+    from megatron_llama.training.recipe import TrainConfig
+
+    preset = get_preset("7B")
+    cfg = TrainConfig.from_preset(preset, micro_batch=1, dtype="fp32", train_steps=10,
+                                  layout=ParallelLayout())
+    # 7B in fp32 on DP=2: fp32 weights and grads, Adam moments sharded over the 2 ranks
+    mem = memory.run_memory(cfg, 2, on_gpu=False)
+    assert mem.weights + mem.gradients + mem.optimizer == preset.model.num_params() * (4 + 4 + 4)
+    with pytest.raises(ConfigError) as e:
+        memory.check_memory_fits(cfg, 2, ranks_here=2)  # this machine: 24 GB for 2 ranks
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("not enough memory: about ")
+    assert "shared by 2 ranks" in message and "--skip-memory-check" in message
+    assert "no layout of 2 rank(s) fits" in message
+    # with 8 ranks and a 45 GB budget each, the check names flags under which it fits
+    flags = memory._alternatives(cfg, 8, 45e9, on_gpu=False)
+    assert flags and not memory._fits(cfg, 8, 45e9, on_gpu=False)
+    changes = dict(zip(flags.split()[::2], flags.split()[1::2]))
+    import dataclasses
+
+    fitted = dataclasses.replace(
+        cfg, layout=ParallelLayout(tp=int(changes.get("--tp", 1)), pp=int(changes.get("--pp", 1))),
+        recompute=changes.get("--recompute", cfg.recompute))
+    assert memory._fits(fitted, 8, 45e9, on_gpu=False)
+
+
+def test_short_runs_warn_about_the_warmup(capsys):
+    from megatron_llama.model.config import get_preset
+    from megatron_llama.training.loop import preflight
+    from megatron_llama.training.recipe import TrainConfig
+
+    cfg = TrainConfig.from_preset(get_preset("tiny"), train_steps=3, dtype="fp32")
+    preflight(cfg, 1)
+    err = capsys.readouterr().err
+    assert err == ("warning: 2000 warmup steps do not fit in 3 training steps; warming up "
+                   "over 2 step(s) and decaying over the rest (set --warmup-steps to choose)\n")
+    preflight(TrainConfig.from_preset(get_preset("tiny"), train_steps=3, warmup_steps=1,
+                                      dtype="fp32"), 1)
+    assert capsys.readouterr().err == ""
+
+
+def test_sbatch_never_overwrites_or_invents_folders(tmp_path, capsys):
+    from megatron_llama import cli
+
+    out = tmp_path / "job.sbatch"
+    argv = ["sbatch", "--preset", "tiny", "--nodes", "1", "--gpus-per-node", "0",
+            "--run-root", str(tmp_path / "runs"), "--data", str(tmp_path / "nope.yaml"),
+            "--tokenizer", str(tmp_path / "tok.model"), "--output", str(out)]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert f"warning: --data {tmp_path / 'nope.yaml'} does not exist on this machine" \
+        in captured.err
+    assert f"warning: --tokenizer {tmp_path / 'tok.model'} does not exist" in captured.err
+    assert f"created {tmp_path / 'runs'}" in captured.out
+    assert cli.main(argv) == 2
+    assert f"{out}: already exists (pass --force to replace it)" in capsys.readouterr().err
+    assert cli.main(argv + ["--force"]) == 0
+    capsys.readouterr()
+    missing = tmp_path / "no" / "such" / "job.sbatch"
+    assert cli.main(argv[:-1] + [str(missing)]) == 2
+    assert "no such directory for --output (create it first)" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()
+
+
+def test_65b_preset_explains_how_it_differs_from_the_planners_best():
+    from megatron_llama.bench.planner import GPUS, PlanLayout, evaluate, plan
+    from megatron_llama.launch.slurm import TEMPLATE_DIR
+    from megatron_llama.model.config import get_preset
+
+    cfg = get_preset("65B").model
+    gpu = GPUS["a100-80gb"]
+    text = (TEMPLATE_DIR / "65B.env").read_text()
+    preset = evaluate(cfg, PlanLayout(tp=8, sp=True, pp=4, vp=2, dp=64, micro_batch=1,
+                                      recompute="selective"), 2048, 2048, gpu)
+    best = plan(cfg, 2048, gpu, 2048, 2048)[0]
+    assert best.layout != preset.layout
+    for candidate in (preset, best):  # the numbers the comment quotes are the planner's
+        assert f"{candidate.tokens_per_s_per_gpu:.0f}" in text
+        assert f"{candidate.memory.total / 1e9:.1f} GB" in text
+
+
+@pytest.mark.slow
+def test_no_rendezvous_file_is_left_behind(tmp_path):
+    code = ("from megatron_llama.parallel import init_distributed; print(init_distributed())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, cwd=REPO, env=dict(os.environ, TMPDIR=str(tmp_path)))
+    assert out.returncode == 0 and out.stdout.strip() == "(0, 1)", out.stderr
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_impossible_runs_are_refused_once_before_any_rank_starts(tmp_path):
+    result = run_cli("pretrain", "--preset", "7B", "--synthetic", "--nproc-per-node", "2")
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("megatron-llama pretrain: error: not enough "
+                                                   "memory: about "), result.stderr
+    result = run_cli("pretrain", "--synthetic", "--nproc-per-node", "2", "--tp", "3")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "megatron-llama pretrain: error: n_heads=4 is not divisible by TP=3 (legal TP: 1, 2, 4)"]
+    result = run_cli("pretrain", "--data", str(tmp_path), "--tokenizer", "x.model",
+                     "--nproc-per-node", "2")
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+
+
+TINY_RUN = ["pretrain", "--synthetic", "--nproc-per-node", "2", "--tp", "2", "--dim", "64",
+            "--n-layers", "2", "--n-heads", "4", "--vocab-size", "128", "--multiple-of", "16",
+            "--max-seq-len", "32", "--micro-batch", "1", "--global-batch", "2",
+            "--warmup-steps", "1"]
+
+
+@pytest.mark.multiprocess
+def test_rank_errors_are_one_line_and_follow_on_errors_hidden(tmp_path):
+    # every rank refuses the same broken checkpoint: the line is printed once
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "latest_checkpointed_iteration.txt").write_text("5")
+    result = run_cli(*TINY_RUN, "--train-steps", "2", "--save", str(broken))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"megatron-llama pretrain: error: {broken}/latest_checkpointed_iteration.txt: names no "
+        "complete checkpoint ('5')"], result.stderr
+    # one rank crashes: its traceback, one line naming it, nothing from the rank left waiting
+    start = time.monotonic()
+    result = run_cli(*TINY_RUN, "--train-steps", "2",
+                     env={"MEGATRON_LLAMA_TEST_FAIL_RANK": "1"})
+    assert result.returncode == 1
+    assert "RuntimeError: fault injection: rank 1 fails" in result.stderr
+    assert result.stderr.rstrip().endswith(
+        "megatron-llama pretrain: error: rank 1 failed with exit code 1 (its output is above)")
+    assert result.stderr.count("Traceback") == 1
+    assert time.monotonic() - start < 120  # rank 0 was stopped, not left in its collective
+
+
+@pytest.mark.multiprocess
+def test_ctrl_c_saves_a_checkpoint_and_exits_with_one_line(tmp_path):
+    save = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_llama.cli", *TINY_RUN,
+                             "--train-steps", "100000", "--save", str(save)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    log = save / "log.jsonl"
+    deadline = time.monotonic() + 300
+    while not (log.exists() and log.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    last = [line for line in out.splitlines() if line.startswith("stopped by a signal")]
+    assert len(last) == 1 and last[0].endswith(
+        f"checkpoint saved in {save} (the same command resumes)"), out
+    step = int((save / "latest_checkpointed_iteration.txt").read_text())
+    assert f"after step {step};" in last[0]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
