@@ -14,26 +14,28 @@ setup(
     # `megatron-llama sbatch`: the batch script template and the presets' cluster settings
     package_data={"megatron_llama.launch": ["templates/slurm/*.sbatch", "templates/slurm/*.env"]},
     install_requires=[
-        # Install torch first (`pip install torch==2.13.0` takes the CPU wheel on CPU hosts);
-        # a range keeps pip from replacing it with another build.
+        # Install torch first (see the README: the CPU wheel on CPU hosts, your CUDA build on
+        # GPU hosts); a range keeps pip from replacing it with another build.
         "torch>=2.4",
         "megatron-core==0.16.1",
         "numpy",
         "sentencepiece",
         "pyyaml",
         "tqdm",
-        "matplotlib",  # `megatron-llama plot`
-        "psutil",  # megatron-core's dist_checkpointing imports it without declaring it
+        "psutil",  # memory checks; megatron-core's dist_checkpointing imports it undeclared
         "safetensors",  # Hugging Face import/export
-        "wandb",
-        # the DeepSpeed engine and its checkpoint reader are tested against this release
-        "deepspeed==0.19.8",
     ],
     extras_require={
+        # a command that needs a missing extra says so in one line (errors.require)
+        "deepspeed": ["deepspeed==0.19.8"],  # --engine deepspeed; tested with this release
+        "wandb": ["wandb"],                  # --wandb-project
+        "plot": ["matplotlib"],              # megatron-llama plot, the benchmark sweep chart
+        "hf": ["transformers>=4.47"],        # benchmark --compare-hf
+        "all": ["deepspeed==0.19.8", "wandb", "matplotlib", "transformers>=4.47"],
         # transformers 4.47.1: the last release with Hugging Face's own Meta->HF conversion
         # script, which the tests compare our export against.
-        "test": ["pytest", "pytest-timeout", "transformers==4.47.1", "accelerate", "protobuf"],
-        "hf": ["transformers"],
+        "test": ["pytest", "pytest-timeout", "transformers==4.47.1", "accelerate", "protobuf",
+                 "deepspeed==0.19.8", "wandb", "matplotlib"],
     },
     entry_points={"console_scripts": ["megatron-llama=megatron_llama.cli:main"]},
     classifiers=["License :: OSI Approved :: Apache Software License",

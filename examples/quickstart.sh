@@ -9,9 +9,23 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-quickstart}
-if ! python -c "import megatron_llama, megatron.core" 2>/dev/null; then
-    pip install torch==2.13.0            # CPU wheel on CPU hosts; keep your CUDA build on GPUs
-    pip install -e .
+# Installs into a virtualenv of its own (.venv-quickstart), never into the active Python,
+# unless megatron_llama is already importable there.
+if ! python3 -c "import megatron_llama, megatron.core" 2>/dev/null; then
+    if [ ! -x .venv-quickstart/bin/python ]; then
+        echo "creating the virtualenv .venv-quickstart (delete it to start over)"
+        python3 -m venv .venv-quickstart
+    fi
+    . .venv-quickstart/bin/activate
+    if ! python -c "import torch" 2>/dev/null; then
+        if command -v nvidia-smi >/dev/null 2>&1; then
+            pip install torch==2.13.0        # the CUDA build
+        else                                 # CPU host: PyTorch's CPU wheel, no CUDA download
+            pip install --retries 0 torch==2.13.0 \
+                --extra-index-url https://download.pytorch.org/whl/cpu
+        fi
+    fi
+    python -c "import megatron_llama" 2>/dev/null || pip install -e ".[plot]"
 fi
 export WANDB_MODE=${WANDB_MODE:-offline}
 mkdir -p "$WORK"

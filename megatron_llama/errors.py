@@ -29,3 +29,31 @@ def read_json_object(path: str) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object, found {type(raw).__name__}")
     return raw
+
+
+# Optional parts of the package and the extra that installs each (setup.py extras_require).
+EXTRAS = {"deepspeed": "deepspeed", "wandb": "wandb", "matplotlib": "plot",
+          "transformers": "hf"}
+
+
+def check_installed(module: str, purpose: str) -> None:
+    """Like `require`, without importing the module (a check before any work starts)."""
+    import importlib.util
+
+    if importlib.util.find_spec(module.split(".")[0]) is None:
+        require(module, purpose)
+
+
+def require(module: str, purpose: str):
+    """Import the optional ``module`` or stop with one line naming the extra to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        top = module.split(".")[0]
+        if getattr(e, "name", None) not in (None, top) and not str(e.name).startswith(top):
+            raise  # the package is there but broken inside: keep the real error
+        extra = EXTRAS.get(top, top)
+        raise ConfigError(f"{purpose} needs {top}, which is not installed: pip install "
+                          f"'megatron_llama[{extra}]' (or pip install {top})") from None

@@ -74,7 +74,8 @@ def generate_ids(model, cfg: LlamaConfig, prompt_ids: list[int], sampling: Sampl
 
 
 def load_model(checkpoint: str, tp: int = 1):
-    """(model, config, tokenizer path or None) for a Meta directory or a Megatron root.
+    """(model, config, tokenizer path or None) for a Meta or Hugging Face directory or a
+    Megatron checkpoint root.
 
     Runs in the current process group: world size must equal ``tp``.
     """
@@ -87,18 +88,18 @@ def load_model(checkpoint: str, tp: int = 1):
     from megatron_llama.parallel import ParallelLayout, init_distributed, initialize
 
     source = detect_format(checkpoint)
-    if source == "hf":
-        raise ConfigError(f"{checkpoint}: generating from Hugging Face directories is not "
-                          "supported yet")
+    if source == "deepspeed":
+        raise ConfigError(f"{checkpoint}: a DeepSpeed checkpoint; convert it first "
+                          "(megatron-llama convert --to meta)")
     _, world = init_distributed()
     layout = ParallelLayout(tp=tp)
     if world != tp:
         raise ConfigError(f"generate runs with TP = world size; got TP={tp}, world {world}")
     dtype = "bf16" if torch.cuda.is_available() else "fp32"
-    if source == "meta":
-        from megatron_llama.convert.meta import MetaCheckpoint
+    if source in ("meta", "hf"):  # full tensors under Meta's names, one reader each
+        from megatron_llama.convert.run import open_source
 
-        ckpt = MetaCheckpoint(checkpoint)
+        ckpt = open_source(checkpoint)
         cfg, tokenizer = ckpt.config, ckpt.tokenizer
     else:
         from megatron_llama.convert.megatron_checkpoint import read_metadata
@@ -109,7 +110,7 @@ def load_model(checkpoint: str, tp: int = 1):
     layout.check(cfg, world)
     initialize(layout)
     model = build_model(cfg, to_transformer_config(cfg, layout, dtype=dtype))[0]
-    if source == "meta":
+    if source in ("meta", "hf"):
         from megatron_llama.model.canonical import meta_keys
 
         load_meta_state_dict([model], {k: ckpt.tensor(k) for k in meta_keys(cfg)}, cfg)
@@ -146,9 +147,24 @@ def generate_text(checkpoint: str, prompt: str, sampling: Sampling, tp: int = 1,
         destroy()
 
 
+def _check_tp(tp: int) -> None:
+    """One process per GPU, or per CPU core on a CPU host: refuse more (before spawning)."""
+    import torch
+
+    if tp < 1:
+        raise ConfigError(f"--tp must be at least 1, got {tp}")
+    if torch.cuda.is_available():
+        if tp > torch.cuda.device_count():
+            raise ConfigError(f"--tp {tp}: this host has {torch.cuda.device_count()} GPU(s)")
+    elif tp > (os.cpu_count() or 1):
+        raise ConfigError(f"--tp {tp}: this CPU host has {os.cpu_count()} core(s); at most "
+                          f"--tp {os.cpu_count()} (one process per core)")
+
+
 def cmd_generate(args) -> int:
     from megatron_llama.local_ranks import run_cli_ranks, under_launcher
 
+    _check_tp(args.tp)
     if args.tp > 1 and not under_launcher():
         return run_cli_ranks(args.tp, sys.argv[1:], drop_flag=None)
     sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -163,13 +179,15 @@ def cmd_generate(args) -> int:
 def add_command(subparsers) -> None:
     """Register `generate`."""
     gen = subparsers.add_parser(
-        "generate", help="sample text from a Meta directory or a Megatron checkpoint",
+        "generate", help="sample text from a Meta, Hugging Face or Megatron checkpoint",
         description="Continue --prompt with a KV-cached megatron-core model loaded from a Meta "
-        "directory or a `pretrain` checkpoint: greedy (--temperature 0, default) or "
+        "or Hugging Face directory or a `pretrain` checkpoint: greedy (--temperature 0, default) or "
         "temperature + top-p sampling. --tp 2 runs on 2 local processes.")
-    gen.add_argument("--checkpoint", required=True, help="Meta directory or checkpoint root")
+    gen.add_argument("--checkpoint", required=True,
+                     help="Meta or Hugging Face directory, or a checkpoint root")
     gen.add_argument("--prompt", required=True, help="text to continue")
-    gen.add_argument("--tp", type=int, default=1, help="tensor-parallel size (1 or 2 on CPU)")
+    gen.add_argument("--tp", type=int, default=1,
+                     help="tensor-parallel size: local processes, one per GPU (CPU: per core)")
     gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to add (64)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--top-p", type=float, default=0.9, help="nucleus mass when sampling (0.9)")

@@ -29,7 +29,8 @@ STAGES = {
 
 # Order inside a package: a module may import only modules of its own or an earlier group.
 INNER_ORDER = {
-    "training": [("recipe", "metrics", "plot"), ("engines",), ("loop",), ("commands",)],
+    "training": [("recipe", "memory", "metrics", "plot"), ("engines",), ("loop",),
+                 ("commands",)],
 }
 
 

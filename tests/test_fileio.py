@@ -40,3 +40,24 @@ def test_staged_directory_appears_only_when_complete(tmp_path):
     with pytest.raises(ConfigError, match="is a file; the output is a directory"):
         with staged_directory(str(tmp_path / "file"), force=True):
             pass
+
+
+def test_missing_optional_package_names_its_extra(tmp_path, monkeypatch):
+    from megatron_llama.errors import check_installed, require
+
+    with pytest.raises(ConfigError) as e:
+        require("no_such_package_xyz.sub", "--frobnicate")
+    assert str(e.value) == ("--frobnicate needs no_such_package_xyz, which is not installed: "
+                            "pip install 'megatron_llama[no_such_package_xyz]' "
+                            "(or pip install no_such_package_xyz)")
+    for module, extra in (("matplotlib", "plot"), ("deepspeed", "deepspeed"), ("wandb", "wandb"),
+                          ("transformers", "hf")):  # the extras of setup.py
+        with pytest.raises(ConfigError, match=rf"pip install 'megatron_llama\[{extra}\]'"):
+            require(f"{module}.definitely_missing_module", "x")
+    # a package that is there but broken inside keeps its own error
+    (tmp_path / "broken_pkg_xyz").mkdir()
+    (tmp_path / "broken_pkg_xyz" / "__init__.py").write_text("import not_there_either_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModuleNotFoundError, match="not_there_either_xyz"):
+        require("broken_pkg_xyz", "x")
+    check_installed("broken_pkg_xyz", "x")  # installed: no error before the work

@@ -108,3 +108,35 @@ def test_generate_cli_from_meta_directory(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("The lambda") and len(result.stdout.strip()) > len("The lambda")
+
+
+def test_generation_from_a_hugging_face_directory(megatron_single, meta_dir, tmp_path):
+    from megatron_llama.convert.run import convert, detect_format
+    from megatron_llama.errors import ConfigError
+    from megatron_llama.parallel import destroy
+
+    directory, weights = meta_dir
+    convert(directory, str(tmp_path / "hf"), "hf", progress=False)
+    model, cfg, _ = load_model(str(tmp_path / "hf"))
+    try:
+        ids = generate_ids(model, cfg, PROMPT, Sampling(max_new_tokens=8))
+    finally:
+        destroy()
+    assert ids == reference_greedy(weights, 8)
+    # an iteration folder instead of the checkpoint root: the root is suggested
+    convert(directory, str(tmp_path / "mcore"), "megatron", progress=False)
+    with pytest.raises(ConfigError, match=f"one iteration of a checkpoint; pass the "
+                                          f"checkpoint's root {tmp_path / 'mcore'}"):
+        detect_format(str(tmp_path / "mcore" / "iter_0000000"))
+
+
+def test_generate_refuses_more_ranks_than_the_host_has(capsys):
+    import os
+
+    from megatron_llama import cli
+
+    assert cli.main(["generate", "--checkpoint", "x", "--prompt", "a", "--tp", "64"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"megatron-llama generate: error: --tp 64: this CPU host has "
+                   f"{os.cpu_count()} core(s); at most --tp {os.cpu_count()} (one process per "
+                   "core)\n")

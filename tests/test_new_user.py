@@ -286,3 +286,84 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_with_one_line(tmp_path):
     step = int((save / "latest_checkpointed_iteration.txt").read_text())
     assert f"after step {step};" in last[0]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+
+
+@pytest.mark.slow
+def test_resume_with_other_train_steps_keeps_or_replans_the_schedule(megatron_single, tmp_path,
+                                                                      capsys):
+    import json
+
+    from megatron_llama.model.config import LlamaConfig
+    from megatron_llama.training.loop import pretrain
+    from megatron_llama.training.recipe import TrainConfig, lr_at
+
+    model = LlamaConfig(dim=64, n_layers=2, n_heads=4, vocab_size=128, multiple_of=16,
+                        max_seq_len=32)
+
+    def run(save, steps, **kw):
+        cfg = TrainConfig(model=model, seq_length=32, global_batch=2, train_steps=steps,
+                          warmup_steps=1, lr=1e-3, dtype="fp32", save_dir=str(save),
+                          load_dir=str(save), **kw)
+        pretrain(cfg)
+        records = [json.loads(line) for line in open(save / "log.jsonl")]
+        return cfg, {r["step"]: r["lr"] for r in records if "lr" in r}
+
+    first, _ = run(tmp_path / "keep", 4)
+    capsys.readouterr()
+    _, lrs = run(tmp_path / "keep", 6)  # continues the checkpoint's schedule, and says so
+    err = capsys.readouterr().err
+    assert ("warning: this run's schedule differs from the checkpoint's (train steps 4 -> 6); "
+            "continuing the checkpoint's: peak 0.001, 1 warmup steps, cosine to 10% at step 4 "
+            "(--override-schedule re-plans it)") in err
+    assert lrs[5] == pytest.approx(lr_at(5, first)) == pytest.approx(first.min_lr)
+
+    run(tmp_path / "replan", 4)
+    capsys.readouterr()
+    longer, lrs = run(tmp_path / "replan", 6, override_schedule=True)
+    assert "re-planning the lr schedule from this run's flags (train steps 4 -> 6)" in \
+        capsys.readouterr().err
+    assert lrs[5] == pytest.approx(lr_at(5, longer)) and lrs[5] > longer.min_lr * 1.01
+
+
+def _interrupt_when(proc, ready, what, timeout=300):
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"{what} ended before it could be interrupted"
+        assert time.monotonic() < deadline, f"{what} never started writing"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    return proc.communicate(timeout=300)
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_convert_and_preprocess_is_one_line_and_leaves_nothing(tokenizer, tmp_path):
+    from tests.test_convert_streaming import BIG, _synthetic
+
+    meta = tmp_path / "meta"
+    _synthetic(str(meta), BIG)  # 436 MB: long enough to be caught while writing
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_llama.cli", "convert", "--input",
+                             str(meta), "--output", str(tmp_path / "hf"), "--to", "hf",
+                             "--no-progress"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    staged = lambda: [p for p in tmp_path.glob(".hf.tmp-*/*") if p.stat().st_size]  # noqa
+    out, err = _interrupt_when(proc, staged, "convert")
+    assert proc.returncode == 130, err
+    assert err == "megatron-llama convert: interrupted; nothing partial was written\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["meta"]
+
+    text = tmp_path / "big.txt"
+    with open(text, "w") as f:
+        for i in range(400_000):
+            f.write(f"line {i} of some words, more words {i * 7} and more words\n")
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_llama.cli", "preprocess",
+                             "--input", str(text), "--output-prefix", str(tmp_path / "ds"),
+                             "--tokenizer", tokenizer.model_path, "--workers", "2",
+                             "--no-progress"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    started = lambda: [p for p in tmp_path.glob(".ds.*.bin.tmp") if p.stat().st_size]  # noqa
+    out, err = _interrupt_when(proc, started, "preprocess")
+    assert proc.returncode == 130, err
+    assert err == "megatron-llama preprocess: interrupted; nothing partial was written\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt", "meta"]

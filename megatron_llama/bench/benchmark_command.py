@@ -8,7 +8,7 @@ import itertools
 import os
 from typing import Optional
 
-from megatron_llama.errors import ConfigError
+from megatron_llama.errors import ConfigError, require
 from megatron_llama.fileio import atomic_write
 from megatron_llama.model.config import get_preset
 from megatron_llama.parallel import ParallelLayout
@@ -116,7 +116,7 @@ def write_csv(rows: list[dict], path: str) -> str:
 
 def write_chart(rows: list[dict], path: str, title: str) -> str:
     """Bars of tokens/s/GPU per layout, PaLM MFU written on each bar."""
-    import matplotlib
+    matplotlib = require("matplotlib", "the sweep chart")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 
-from megatron_llama.errors import ConfigError
+from megatron_llama.errors import require
 from megatron_llama.model.config import LlamaConfig
 
 
@@ -20,11 +20,7 @@ class HFTrainer:
     """One transformers LLaMA + AdamW; `step(tokens)` runs one timed training step."""
 
     def __init__(self, cfg: LlamaConfig, seq_length: int, lr: float = 3e-4, seed: int = 0):
-        try:
-            import transformers
-        except ImportError:
-            raise ConfigError("the comparison needs Hugging Face transformers "
-                              "(pip install transformers)") from None
+        transformers = require("transformers", "--compare-hf")
         import torch
 
         torch.manual_seed(seed)

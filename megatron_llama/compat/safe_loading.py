@@ -35,7 +35,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from megatron_llama.errors import ConfigError
+from megatron_llama.errors import ConfigError, require
 
 # The only globals DCP's .metadata may name: its plain dataclasses and enums, by exact name
 # (a whole-module rule would admit e.g. functools.reduce or file writers imported there).
@@ -125,6 +125,7 @@ def deepspeed_safe_globals() -> list:
     """DeepSpeed's plain data classes that its optimizer files pickle (loss scaler state,
     the ZeRO stage enum, fragment addresses), for ``torch.load(weights_only=True)`` of a
     DeepSpeed checkpoint; everything else stays refused."""
+    require("deepspeed", "reading a DeepSpeed checkpoint")
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address

@@ -64,6 +64,14 @@ def read_metadata(root: str) -> tuple[str, dict]:
     return path, meta
 
 
+def describe_layout(layout) -> str:
+    """``{'tp': 2, 'pp': 1, 'vp': None}`` as ``TP=2 PP=1`` (what the metadata records)."""
+    if not isinstance(layout, dict):
+        return "an unrecorded layout"
+    parts = [f"{k.upper()}={layout[k]}" for k in ("tp", "pp", "vp") if layout.get(k)]
+    return " ".join(parts) or "an unrecorded layout"
+
+
 class _ProcessGroup:
     """torch.distributed with world size 1 and megatron-core's TP=1 PP=1 groups, torn down on
     exit (conversion runs in one process whatever layout saved or will load the checkpoint)."""
@@ -109,7 +117,7 @@ class MegatronCheckpoint(WeightSource):
                                             source=os.path.join(self.path, METADATA))
         tok = meta.get("tokenizer")
         self.tokenizer = tok if tok and os.path.isfile(tok) else None
-        self.description = f"Megatron, saved at {meta.get('layout')}"
+        self.description = f"Megatron, saved at {describe_layout(meta.get('layout'))}"
         try:
             metadata = dcp.FileSystemReader(self.path).read_metadata()
         except ConfigError:

@@ -14,7 +14,11 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from megatron_llama.checkpoint_files import is_deepspeed_root, is_megatron_root
+from megatron_llama.checkpoint_files import (
+    TAG_PREFIX,
+    is_deepspeed_root,
+    is_megatron_root,
+)
 from megatron_llama.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -36,6 +40,11 @@ def detect_format(path: str) -> str:
         return "megatron"
     if is_deepspeed_root(path):
         return "deepspeed"
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(os.path.abspath(path)).startswith(TAG_PREFIX) and (
+            is_megatron_root(parent) or is_deepspeed_root(parent)):
+        raise ConfigError(f"{path}: one iteration of a checkpoint; pass the checkpoint's root "
+                          f"{parent} (its latest iteration is read)")
     if "config.json" in names and any(n.endswith((".safetensors", ".bin")) for n in names):
         return "hf"
     raise ConfigError(f"{path}: unknown checkpoint format (expected Meta params.json + "

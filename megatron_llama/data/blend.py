@@ -215,6 +215,10 @@ def build_gpt_datasets(blend: DataBlend, *, vocab_size: int, eod: int, seq_lengt
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     blend.check_files()
+    # megatron-core logs every split and cache file it builds at INFO, per rank: keep warnings
+    import logging
+
+    logging.getLogger("megatron.core.datasets").setLevel(logging.WARNING)
 
     config = GPTDatasetConfig(
         random_seed=seed,

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from megatron_llama.errors import ConfigError
+from megatron_llama.errors import ConfigError, check_installed
 from megatron_llama.model.config import to_transformer_config
 from megatron_llama.training.recipe import (
     SCHEDULE_FIELDS,
@@ -66,6 +66,8 @@ def preflight(cfg: TrainConfig, world_size: int, ranks_here: Optional[int] = Non
         print(f"warning: {cfg.warmup_steps} warmup steps do not fit in {cfg.train_steps} "
               f"training steps; warming up over {cfg.warmup} step(s) and decaying over the "
               f"rest (set --warmup-steps to choose)", file=sys.stderr, flush=True)
+    if cfg.wandb_project:
+        check_installed("wandb", "--wandb-project")
     if not cfg.skip_memory_check:
         check_memory_fits(cfg, world_size, ranks_here)
     return tokenizer

@@ -15,6 +15,7 @@ import resource
 import time
 from typing import Optional
 
+from megatron_llama.errors import require
 from megatron_llama.model.config import LlamaConfig
 
 # Dense bf16 peak TFLOP/s per GPU (no sparsity).
@@ -104,7 +105,7 @@ class RunLog:
         if wandb_project:
             os.environ.setdefault("WANDB_MODE", "online" if os.environ.get("WANDB_API_KEY")
                                   else "offline")
-            import wandb
+            wandb = require("wandb", "--wandb-project")
 
             self.wandb = wandb.init(project=wandb_project, name=wandb_run, dir=wandb_dir,
                                     config=config or {}, resume="allow")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from megatron_llama.errors import ConfigError
+from megatron_llama.errors import ConfigError, require
 from megatron_llama.fileio import atomic_write
 
 
@@ -29,8 +29,7 @@ def read_log(path: str) -> list[dict]:
 
 def plot_log(log_path: str, output: str) -> str:
     """Render loss (train and validation), lr and tokens/s/GPU to a PNG; returns its path."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "megatron-llama plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

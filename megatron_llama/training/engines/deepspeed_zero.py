@@ -32,7 +32,12 @@ from megatron_llama.checkpoint_files import (
     is_megatron_root,
     iteration_tag,
 )
-from megatron_llama.errors import ConfigError, read_json_object
+from megatron_llama.errors import (
+    ConfigError,
+    check_installed,
+    read_json_object,
+    require,
+)
 from megatron_llama.fileio import write_json, write_text
 from megatron_llama.training.engines.base import Engine, lm_loss
 from megatron_llama.training.recipe import TrainConfig, lr_at
@@ -57,6 +62,7 @@ class MegatronMPU:
 
 def check_config(cfg: TrainConfig) -> None:
     """Refuse what the DeepSpeed engine cannot run, with one line."""
+    check_installed("deepspeed", "--engine deepspeed")
     if cfg.zero_stage not in (1, 2, 3):
         raise ConfigError(f"--zero-stage must be 1, 2 or 3, got {cfg.zero_stage}")
     if cfg.layout.pp > 1:
@@ -128,8 +134,9 @@ class DeepSpeedEngine(Engine):
         check_config(cfg)
 
     def __init__(self, cfg: TrainConfig, chunks: list, tconfig=None):
-        import deepspeed
         from megatron.core import parallel_state as ps
+
+        deepspeed = require("deepspeed", "--engine deepspeed")
 
         if len(chunks) != 1:
             raise ConfigError("--engine deepspeed trains one model chunk (no virtual stages)")
