@@ -77,6 +77,16 @@ def write_text(path: str, text: str, executable: bool = False) -> str:
     return atomic_write(path, write)
 
 
+def write_figure(fig, path: str, dpi: int = 100) -> str:
+    """A matplotlib figure as a PNG at ``path``, atomically; the figure is closed after."""
+    import matplotlib.pyplot as plt
+
+    try:
+        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi), binary=True)
+    finally:
+        plt.close(fig)
+
+
 def write_json(obj, path: str) -> str:
     """``obj`` as indented JSON to ``path`` atomically."""
     return atomic_write(path, lambda f: json.dump(obj, f, indent=2))

@@ -9,7 +9,7 @@ import os
 from typing import Optional
 
 from megatron_llama.errors import ConfigError, require
-from megatron_llama.fileio import atomic_write
+from megatron_llama.fileio import atomic_write, write_figure
 from megatron_llama.model.config import get_preset
 from megatron_llama.parallel import ParallelLayout
 
@@ -133,11 +133,7 @@ def write_chart(rows: list[dict], path: str, title: str) -> str:
     ax.set_ylabel("tokens/s per GPU (rank)")
     ax.set_title(title + " (labels: MFU, PaLM formula)", fontsize=9)
     fig.tight_layout()
-    try:
-        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), binary=True)
-    finally:
-        plt.close(fig)
-    return path
+    return write_figure(fig, path, dpi=110)
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ import json
 import os
 
 from megatron_llama.errors import ConfigError, require
-from megatron_llama.fileio import atomic_write
+from megatron_llama.fileio import write_figure
 
 
 def read_log(path: str) -> list[dict]:
@@ -52,8 +52,4 @@ def plot_log(log_path: str, output: str) -> str:
     axes[2].plot(steps, [train[s]["tokens_per_s_per_gpu"] for s in steps])
     axes[2].set(title="tokens/s/GPU", xlabel="step")
     fig.tight_layout()
-    try:
-        atomic_write(output, lambda f: fig.savefig(f, format="png", dpi=100), binary=True)
-    finally:
-        plt.close(fig)
-    return output
+    return write_figure(fig, output, dpi=100)
