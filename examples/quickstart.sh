@@ -10,8 +10,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-quickstart}
 # Installs into a virtualenv of its own (.venv-quickstart), never into the active Python,
-# unless megatron_llama is already importable there.
-if ! python3 -c "import megatron_llama, megatron.core" 2>/dev/null; then
+# unless megatron-llama is already installed there.
+if ! { megatron-llama info --presets-only && python3 -c "import megatron.core"; } >/dev/null 2>&1
+then
     if [ ! -x .venv-quickstart/bin/python ]; then
         echo "creating the virtualenv .venv-quickstart (delete it to start over)"
         python3 -m venv .venv-quickstart
@@ -25,7 +26,7 @@ if ! python3 -c "import megatron_llama, megatron.core" 2>/dev/null; then
                 --extra-index-url https://download.pytorch.org/whl/cpu
         fi
     fi
-    python -c "import megatron_llama" 2>/dev/null || pip install -e ".[plot]"
+    [ -x .venv-quickstart/bin/megatron-llama ] || pip install -e ".[plot]"
 fi
 export WANDB_MODE=${WANDB_MODE:-offline}
 mkdir -p "$WORK"
