@@ -24,14 +24,15 @@ setup(
         "tqdm",
         "psutil",  # memory checks; megatron-core's dist_checkpointing imports it undeclared
         "safetensors",  # Hugging Face import/export
+        "tokenizers",   # the tokenizer.json of a Hugging Face export
     ],
     extras_require={
         # a command that needs a missing extra says so in one line (errors.require)
         "deepspeed": ["deepspeed==0.19.8"],  # --engine deepspeed; tested with this release
         "wandb": ["wandb"],                  # --wandb-project
         "plot": ["matplotlib"],              # megatron-llama plot, the benchmark sweep chart
-        "hf": ["transformers>=4.47"],        # benchmark --compare-hf
-        "all": ["deepspeed==0.19.8", "wandb", "matplotlib", "transformers>=4.47"],
+        "hf": ["transformers>=4.47,<6"],     # --compare-hf; exports tested with 4.47.1 and 5.24
+        "all": ["deepspeed==0.19.8", "wandb", "matplotlib", "transformers>=4.47,<6"],
         # transformers 4.47.1: the last release with Hugging Face's own Meta->HF conversion
         # script, which the tests compare our export against.
         "test": ["pytest", "pytest-timeout", "transformers==4.47.1", "accelerate", "protobuf",

@@ -367,3 +367,73 @@ def test_ctrl_c_in_convert_and_preprocess_is_one_line_and_leaves_nothing(tokeniz
     assert proc.returncode == 130, err
     assert err == "megatron-llama preprocess: interrupted; nothing partial was written\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt", "meta"]
+
+
+HF_STRINGS = [" leading", "hello world", "  two  spaces", "\ttab first", "\nnewline first",
+              "trailing  ", "12345 678", "é ü 中文 😀 👍🏽", "a literal <s> and </s> and <unk>",
+              "\u2581literal escape", "def f(x):\n    return x  # done\n", "", "x"]
+HF_CHECK = """
+import json, sys
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+out = []
+for s in json.loads(sys.argv[2]):
+    ids = tok(s)["input_ids"]
+    out.append([ids, tok.decode(ids, skip_special_tokens=True)])
+import transformers
+print(json.dumps({"version": transformers.__version__, "results": out}))
+"""
+
+
+def _sentencepiece_reference(tokenizer):
+    # decoding is SentencePiece's too: a literal U+2581 comes back as a space there as well
+    return [[tokenizer.encode(s, bos=True), tokenizer.decode(tokenizer.encode(s))]
+            for s in HF_STRINGS]
+
+
+def _export_tokenizer(tokenizer, directory):
+    from megatron_llama.convert.hf_tokenizer import write_hf_tokenizer_files
+
+    write_hf_tokenizer_files(tokenizer.model_path, str(directory))
+    return str(directory)
+
+
+def _check_with(python, directory):
+    import json
+
+    out = subprocess.run([python, "-c", HF_CHECK, directory, json.dumps(HF_STRINGS)],
+                         capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore",
+                                  TRANSFORMERS_VERBOSITY="error"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_hf_tokenizer_encodes_like_sentencepiece(tokenizer, tmp_path):
+    """transformers as pinned for the tests (4.47.1): AutoTokenizer on the export."""
+    report = _check_with(sys.executable, _export_tokenizer(tokenizer, tmp_path / "hf"))
+    assert report["version"] == "4.47.1"
+    assert report["results"] == _sentencepiece_reference(tokenizer)
+
+
+def _latest_transformers_python() -> str:
+    """A virtualenv with the transformers a user gets from PyPI today (no torch needed for
+    tokenizers), made once and cached; MEGATRON_LLAMA_TEST_TRANSFORMERS_PYTHON overrides."""
+    override = os.environ.get("MEGATRON_LLAMA_TEST_TRANSFORMERS_PYTHON")
+    if override:
+        return override
+    venv = os.path.join(os.path.expanduser("~"), ".cache", "megatron_llama", "transformers-latest")
+    python = os.path.join(venv, "bin", "python")
+    if not os.path.exists(python):
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True, timeout=300)
+        subprocess.run([python, "-m", "pip", "install", "-q", "transformers", "sentencepiece",
+                        "protobuf"], check=True, timeout=1200)
+    return python
+
+
+@pytest.mark.slow
+def test_hf_tokenizer_encodes_like_sentencepiece_with_todays_transformers(tokenizer, tmp_path):
+    report = _check_with(_latest_transformers_python(),
+                         _export_tokenizer(tokenizer, tmp_path / "hf"))
+    assert int(report["version"].split(".")[0]) >= 5, report["version"]
+    assert report["results"] == _sentencepiece_reference(tokenizer)

@@ -12,7 +12,6 @@ streamed into its file as it comes (memory: one tensor); reading uses plain file
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Optional
 
 import torch
@@ -162,12 +161,10 @@ def write_hf(output: str, source: WeightSource, *, dtype: Optional[torch.dtype] 
             write_json({"metadata": {"total_size": total_bytes}, "weight_map": weight_map},
                        os.path.join(tmp, "model.safetensors.index.json"))
         write_json(hf_config(cfg, dtype), os.path.join(tmp, "config.json"))
-        if source.tokenizer:
-            shutil.copyfile(source.tokenizer, os.path.join(tmp, "tokenizer.model"))
-            write_json({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>",
-                        "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True,
-                        "add_eos_token": False, "legacy": True},
-                       os.path.join(tmp, "tokenizer_config.json"))
+        if source.tokenizer:  # tokenizer.json etc.: AutoTokenizer encodes as SentencePiece
+            from megatron_llama.convert.hf_tokenizer import write_hf_tokenizer_files
+
+            write_hf_tokenizer_files(source.tokenizer, tmp)
     return output
 
 
