@@ -61,6 +61,11 @@ def test_cli_lists_every_command_and_stays_light():
     assert set(subparsers.choices) == COMMANDS
     for module in cli.COMMAND_MODULES:
         assert callable(module.add_command), module.__name__
+    pretrain_help = subparsers.choices["pretrain"].format_help()
+    assert "cosine to 10%, 4M-token" in " ".join(pretrain_help.split())  # not "10%%"
+    from megatron_llama.convert.megatron_checkpoint import describe_layout
+
+    assert describe_layout({"tp": 2, "pp": 1, "vp": None}) == "TP=2 PP=1"  # not a dict
     # the entry point imports neither torch nor megatron-core until a command runs
     code = ("import sys, megatron_llama.cli; "
             "print(sorted(m for m in ('torch', 'megatron', 'deepspeed') if m in sys.modules))")
