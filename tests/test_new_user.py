@@ -437,3 +437,22 @@ def test_hf_tokenizer_encodes_like_sentencepiece_with_todays_transformers(tokeni
                          _export_tokenizer(tokenizer, tmp_path / "hf"))
     assert int(report["version"].split(".")[0]) >= 5, report["version"]
     assert report["results"] == _sentencepiece_reference(tokenizer)
+
+
+def test_convert_never_writes_over_or_into_its_input(tmp_path):
+    from megatron_llama.convert.run import convert
+
+    inp = tmp_path / "outer" / "in"
+    inp.mkdir(parents=True)
+    (inp / "params.json").write_text("{}")
+    for output, message in ((inp, "is the input itself"),
+                            (tmp_path / "outer", "contains the input .*replacing it would "
+                                                 "delete the input"),
+                            (tmp_path, "contains the input"),
+                            (inp / "out", "lies inside the input")):
+        with pytest.raises(ConfigError, match=message):
+            convert(str(inp), str(output), "meta", force=True, progress=False)
+    assert (inp / "params.json").read_text() == "{}"  # untouched
+    with pytest.raises(ConfigError, match="is the input itself"):  # also through a symlink
+        os.symlink(inp, tmp_path / "alias")
+        convert(str(inp), str(tmp_path / "alias"), "meta", force=True, progress=False)

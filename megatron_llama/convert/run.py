@@ -72,6 +72,20 @@ def open_source(path: str) -> "WeightSource":
     return MegatronCheckpoint(path)
 
 
+def check_output_apart(input_dir: str, output_dir: str) -> None:
+    """Refuse an output that is the input, contains it or lies inside it, ``--force`` or not:
+    replacing it would delete the input (or write into it)."""
+    inp, out = os.path.realpath(input_dir), os.path.realpath(output_dir)
+    if out == inp:
+        raise ConfigError(f"{output_dir}: is the input itself; choose another --output")
+    if os.path.commonpath([inp, out]) == out:
+        raise ConfigError(f"{output_dir}: contains the input {input_dir}; replacing it would "
+                          "delete the input: choose an --output outside it")
+    if os.path.commonpath([inp, out]) == inp:
+        raise ConfigError(f"{output_dir}: lies inside the input {input_dir}; choose an "
+                          "--output outside it")
+
+
 def convert(input_dir: str, output_dir: str, to: str, *, shards: Optional[int] = None,
             tp: int = 1, pp: int = 1, dtype: Optional[str] = None, force: bool = False,
             progress: bool = True) -> str:
@@ -80,6 +94,7 @@ def convert(input_dir: str, output_dir: str, to: str, *, shards: Optional[int] =
     Tensors stream from the reader to the writer one at a time (one layer at most in memory);
     ``progress`` shows a bar advancing per layer.
     """
+    check_output_apart(input_dir, output_dir)
     source_format = detect_format(input_dir)
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}")
