@@ -162,6 +162,14 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, *,
             writer.finalize()
             report.finalize()
             stats.documents, stats.tokens = writer.documents, writer.tokens
+    except KeyboardInterrupt:
+        if pool is not None:
+            # Let the batches in flight (at most 2 x workers, ~1 MB each) finish: terminate()
+            # can kill a worker while it holds the pool's queue lock, and then hangs forever.
+            pool.close()
+            pool.join()
+            pool = None
+        raise
     finally:
         if pool is not None:
             pool.terminate()
