@@ -14,6 +14,11 @@ class ConfigError(ValueError):
     """A configuration or layout that cannot work; the message is one line for the user."""
 
 
+# Exit status of a rank whose watchdog found no progress (`resilience.watchdog`), as
+# timeout(1)'s: launchers show every rank's report instead of hiding them as follow-ons.
+HANG_EXIT_CODE = 124
+
+
 def read_json_object(path: str) -> dict[str, Any]:
     """A JSON file that must hold an object (params.json, config.json, checkpoint metadata);
     a missing, unreadable or malformed file is a one-line `ConfigError` naming it."""

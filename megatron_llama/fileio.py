@@ -14,7 +14,8 @@ import json
 import os
 import shutil
 import tempfile
-from typing import IO, Callable, Iterator
+import time
+from typing import IO, Callable, Iterator, Optional
 
 from megatron_llama.errors import ConfigError
 
@@ -92,15 +93,41 @@ def write_json(obj, path: str) -> str:
     return atomic_write(path, lambda f: json.dump(obj, f, indent=2))
 
 
-def stage_directory(output: str, force: bool = False) -> str:
+# Written into every directory a tool builds with `staged_directory(..., owner=...)`: only a
+# directory that holds it (or an empty one) is ever replaced by ``--force``.
+OUTPUT_MARKER = ".megatron-llama-output.json"
+
+
+def written_by(directory: str) -> Optional[str]:
+    """The tool that wrote ``directory`` (its `OUTPUT_MARKER`), or None."""
+    try:
+        with open(os.path.join(directory, OUTPUT_MARKER), encoding="utf-8") as f:
+            value = json.load(f).get("written_by")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def check_replaceable(output: str, owner: str) -> None:
+    """Refuse to replace ``output`` unless it is missing, empty, or written by ``owner``."""
+    if os.path.isdir(output) and os.listdir(output) and written_by(output) != owner:
+        raise ConfigError(f"{output}: exists and was not written by `megatron-llama {owner}`; "
+                          "--force replaces only an earlier output of it: remove the directory "
+                          "yourself or choose another --output")
+
+
+def stage_directory(output: str, force: bool = False, owner: Optional[str] = None) -> str:
     """A fresh, empty temporary directory beside ``output`` to build it in.
 
     An existing ``output`` is refused unless ``force`` (it is replaced only at the commit);
-    an existing file there is always refused."""
+    an existing file there is always refused. With ``owner`` (e.g. "convert"), ``force``
+    replaces only an empty directory or one an earlier run of that tool wrote."""
     if os.path.exists(output) and not force:
         raise ConfigError(f"{output}: already exists (pass --force to replace it)")
     if os.path.exists(output) and not os.path.isdir(output):
         raise ConfigError(f"{output}: is a file; the output is a directory")
+    if owner:
+        check_replaceable(output, owner)
     parent = os.path.dirname(os.path.abspath(output)) or "."
     try:
         os.makedirs(parent, exist_ok=True)
@@ -126,15 +153,20 @@ def commit_directory(tmp: str, output: str) -> None:
 
 
 @contextlib.contextmanager
-def staged_directory(output: str, force: bool = False) -> Iterator[str]:
+def staged_directory(output: str, force: bool = False,
+                     owner: Optional[str] = None) -> Iterator[str]:
     """Build the directory ``output`` in a temporary sibling; it appears only when complete.
 
     ``with staged_directory(out) as tmp:`` fill ``tmp``; on success it is committed
     (`commit_directory`), on any exception (Ctrl-C included) removed, and ``output`` is as
-    it was before."""
-    tmp = stage_directory(output, force)
+    it was before. ``owner`` is recorded in the directory's `OUTPUT_MARKER` (see
+    `stage_directory`)."""
+    tmp = stage_directory(output, force, owner)
     try:
         yield tmp
+        if owner:
+            write_json({"written_by": owner, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+                       os.path.join(tmp, OUTPUT_MARKER))
         commit_directory(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -27,6 +27,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from megatron_llama.errors import HANG_EXIT_CODE
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -164,6 +166,7 @@ class _RankGroup:
         self.lock = threading.Lock()
         self.errors_shown: set[bytes] = set()
         self.first_failure: Optional[int] = None
+        self.hidden_after_failure = True  # follow-on errors of the other ranks
         self.interrupts = 0
 
     def expected_exit(self, code: int) -> bool:
@@ -174,10 +177,13 @@ class _RankGroup:
         with self.lock:
             if self.first_failure is None and not self.expected_exit(code):
                 self.first_failure = rank
+                # a hang: every stuck rank prints its own stacks, all of them are wanted
+                self.hidden_after_failure = code != HANG_EXIT_CODE
 
     def emit(self, relay: _Relay, segment: bytes) -> None:
         with self.lock:
-            if self.first_failure is not None and relay.rank != self.first_failure:
+            if (self.first_failure is not None and relay.rank != self.first_failure
+                    and self.hidden_after_failure):
                 return  # follow-on errors of the other ranks
             if ONE_LINE_ERROR.match(segment):
                 relay.printed_error = True
@@ -271,7 +277,11 @@ def run_cli_ranks(nproc: int, argv: list[str], *, drop_flag: Optional[str] = "--
         print(f"megatron-llama {command}: error: rank {rank} was killed by {name}{hint}",
               file=sys.stderr, flush=True)
         return 128 - code
-    if not relays[rank].printed_error:
+    if code == HANG_EXIT_CODE:
+        print(f"megatron-llama {command}: error: rank {rank} hung (no progress within "
+              "--hang-timeout; the stacks of the stuck ranks are above)", file=sys.stderr,
+              flush=True)
+    elif not relays[rank].printed_error:
         print(f"megatron-llama {command}: error: rank {rank} failed with exit code {code} "
               "(its output is above)", file=sys.stderr, flush=True)
     return code

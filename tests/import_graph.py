@@ -18,7 +18,7 @@ PACKAGE = "megatron_llama"
 STAGES = {
     "errors": 0,
     "fileio": 1, "checkpoint_files": 1, "process_tuning": 1, "local_ranks": 1,
-    "compat": 2,
+    "compat": 2, "resilience": 2,
     "model": 3, "data": 3,
     "parallel": 4,
     "training": 5, "convert": 5,

@@ -158,5 +158,23 @@ def test_unknown_format_existing_output_and_cli(tmp_path):
                              "--output", str(tmp_path / "out"), "--to", "meta", "--shards", "2",
                              "--force", "--no-progress"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert sorted(os.listdir(tmp_path / "out")) == ["consolidated.00.pth", "consolidated.01.pth",
+    assert sorted(os.listdir(tmp_path / "out")) == [".megatron-llama-output.json",
+                                                    "consolidated.00.pth", "consolidated.01.pth",
                                                     "params.json"]
+
+
+def test_force_replaces_only_an_earlier_convert_output(tmp_path):
+    from megatron_llama.fileio import written_by
+
+    src = write_by_hand(str(tmp_path / "src"), CFG, random_meta_weights(CFG), 1)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="was not written by `megatron-llama convert`; "
+                                          "--force replaces only an earlier output"):
+        convert(src, str(mine), "hf", force=True, progress=False)
+    assert os.listdir(mine) == ["notes.txt"]  # untouched
+    out = tmp_path / "out"
+    for to in ("hf", "megatron", "meta"):  # each replaces the previous output, any format
+        convert(src, str(out), to, force=True, progress=False)
+        assert written_by(str(out)) == "convert"

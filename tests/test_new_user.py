@@ -456,3 +456,4 @@ def test_convert_never_writes_over_or_into_its_input(tmp_path):
     with pytest.raises(ConfigError, match="is the input itself"):  # also through a symlink
         os.symlink(inp, tmp_path / "alias")
         convert(str(inp), str(tmp_path / "alias"), "meta", force=True, progress=False)
+

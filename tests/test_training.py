@@ -57,7 +57,7 @@ def first_worker(rank, world, workdir):
 def killed_worker(rank, world, workdir):
     from megatron_llama.training.loop import pretrain
 
-    os.environ[SIGKILL_TEST_ENV] = str(N)
+    os.environ[SIGKILL_TEST_ENV] = str(N + 1)  # one step logged past the step-N checkpoint
     pretrain(tiny_run(os.path.join(workdir, "killed")))
     return "not killed"
 
@@ -69,7 +69,22 @@ def resume_worker(rank, world, workdir):
                              load_dir=os.path.join(workdir, "killed")))["losses"]
     other = pretrain(tiny_run(os.path.join(workdir, "relayout"), ParallelLayout(pp=2),
                               load_dir=os.path.join(workdir, "relayout")))["losses"]
-    return {"same": same, "other": other}
+    # the latest checkpoint of the uninterrupted run, one byte flipped: back to step N
+    flipped = pretrain(tiny_run(os.path.join(workdir, "flipped"),
+                                load_dir=os.path.join(workdir, "flipped")))["losses"]
+    return {"same": same, "other": other, "flipped": flipped}
+
+
+def flip_one_byte(folder: str) -> str:
+    """Flip a byte in the middle of the folder's largest tensor file; returns its path."""
+    path = max((os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".distcp")),
+               key=os.path.getsize)
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x10]))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -83,24 +98,56 @@ def runs(tmp_path_factory):
     # Another layout starts from a copy of the same step-N checkpoint.
     relayout = os.path.join(workdir, "relayout")
     shutil.copytree(killed, relayout)
+    flipped = os.path.join(workdir, "flipped")
+    shutil.copytree(os.path.join(workdir, "full"), flipped)
+    damaged = flip_one_byte(os.path.join(flipped, f"iter_{2 * N:07d}"))
     resumed = run_processes(resume_worker, 2, workdir, timeout=600)
-    return first, resumed, workdir
+    return first, resumed, workdir, damaged
 
 
 @pytest.mark.multiprocess
 def test_sigkill_then_resume_is_bitwise_identical(runs):
-    first, resumed, _ = runs
+    first, resumed, workdir, _ = runs
     full = first[0]["full"]
     assert sorted(full) == list(range(1, 2 * N + 1))
     same = resumed[0]["same"]
     assert sorted(same) == list(range(N + 1, 2 * N + 1))
     for step in same:
         assert same[step] == full[step], (step, same[step], full[step])  # bitwise
+    # step N + 1 was logged before the crash and again after the resume: the log holds it once
+    log = os.path.join(workdir, "killed", "log.jsonl")
+    steps = [json.loads(line)["step"] for line in open(log) if "loss" in json.loads(line)]
+    assert steps == list(range(1, 2 * N + 1))
+
+
+@pytest.mark.multiprocess
+def test_damaged_checkpoint_refused_and_previous_one_resumed(runs):
+    from megatron_llama.convert.run import convert
+    from megatron_llama.errors import ConfigError
+
+    first, resumed, workdir, damaged = runs
+    full, flipped = first[0]["full"], resumed[0]["flipped"]
+    # iter 2N failed verification: the run went back to step N and repeated N+1..2N exactly
+    assert sorted(flipped) == list(range(N + 1, 2 * N + 1))
+    for step in flipped:
+        assert flipped[step] == full[step], (step, flipped[step], full[step])  # bitwise
+    meta = json.load(open(os.path.join(workdir, "full", f"iter_{2 * N:07d}", checkpoint.METADATA)))
+    files = sorted(f for f in os.listdir(os.path.dirname(damaged)) if f != checkpoint.METADATA)
+    assert sorted(meta["files"]) == files and all(len(v["crc32"]) == 8
+                                                   for v in meta["files"].values())
+    # convert refuses a damaged latest checkpoint with one line naming the file
+    bad = os.path.join(workdir, "bad")
+    shutil.copytree(os.path.join(workdir, "full"), bad)
+    flip_one_byte(os.path.join(bad, f"iter_{2 * N:07d}"))
+    with pytest.raises(ConfigError, match=r"iter_0000006/__\d+_\d+\.distcp: checksum differs "
+                                          r"from the one recorded at save \(damaged\); refusing"):
+        convert(bad, os.path.join(workdir, "bad-meta"), "meta", progress=False)
+    assert not os.path.exists(os.path.join(workdir, "bad-meta"))
 
 
 @pytest.mark.multiprocess
 def test_resume_into_another_layout(runs):
-    first, resumed, workdir = runs
+    first, resumed, workdir, _ = runs
     full, other = first[0]["full"], resumed[0]["other"]
     assert sorted(other) == list(range(N + 1, 2 * N + 1))
     for step in other:  # TP=2 checkpoint continued at PP=2: same numbers up to rounding
@@ -112,7 +159,7 @@ def test_resume_into_another_layout(runs):
 
 @pytest.mark.multiprocess
 def test_data_parallel_distributed_optimizer_matches_tensor_parallel(runs):
-    first, _, _ = runs
+    first, _, _, _ = runs
     full, dp2 = first[0]["full"], first[0]["dp2"]
     assert sorted(dp2) == sorted(full)
     for step in full:  # 6 AdamW steps with sharded optimizer state vs unsharded
@@ -121,7 +168,7 @@ def test_data_parallel_distributed_optimizer_matches_tensor_parallel(runs):
 
 @pytest.mark.multiprocess
 def test_nonfinite_loss_skipped_or_stopped(runs):
-    first, _, _ = runs
+    first, _, _, _ = runs
     skip = first[0]["skip"]
     assert skip["skipped"] == 1 and math.isnan(skip["losses"][2])
     assert all(math.isfinite(skip["losses"][s]) for s in (1, 3, 4))
@@ -213,7 +260,7 @@ def test_checkpoint_of_another_model_refused(runs, megatron_single, tmp_path):
     from megatron_llama.errors import ConfigError
     from megatron_llama.training.loop import pretrain
 
-    _, _, workdir = runs
+    _, _, workdir, _ = runs
     other = tiny_run(str(tmp_path / "other"), ParallelLayout(), model=MODEL.replace(dim=128),
                      load_dir=os.path.join(workdir, "full"))
     with pytest.raises(ConfigError, match="checkpoint is of a different model .dim differ") as e:

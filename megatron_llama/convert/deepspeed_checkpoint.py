@@ -26,7 +26,7 @@ import torch
 
 from megatron_llama.checkpoint_files import DEEPSPEED_OPTIM_RE as OPTIM_RE
 from megatron_llama.checkpoint_files import METADATA, deepspeed_latest_tag
-from megatron_llama.convert.source import WeightSource
+from megatron_llama.convert.source import WeightSource, refuse_if_damaged
 from megatron_llama.convert.tensorio import release_pages
 from megatron_llama.errors import ConfigError, read_json_object
 from megatron_llama.model.canonical import (
@@ -138,6 +138,7 @@ class DeepSpeedCheckpoint(WeightSource):
             raise ConfigError(f"{folder}: missing {METADATA} (model config); was it saved by "
                               "`megatron-llama pretrain --engine deepspeed`?")
         meta = read_json_object(meta_path)
+        refuse_if_damaged(folder)
         if not isinstance(meta.get("model"), dict):
             raise ConfigError(f"{meta_path}: no model config")
         self.config = LlamaConfig.from_dict(meta["model"], source=meta_path)

@@ -145,7 +145,7 @@ def write_hf(output: str, source: WeightSource, *, dtype: Optional[torch.dtype] 
     plan = _file_plan(cfg, dtype, max_shard_bytes)
     names = (["model.safetensors"] if len(plan) == 1 else
              [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
-    with staged_directory(output, force) as tmp, \
+    with staged_directory(output, force, owner="convert") as tmp, \
             tqdm(total=cfg.n_layers, unit="layer", desc="hf", disable=not progress) as bar:
         for name, keys in zip(names, plan):
             writer = SafetensorsWriter(os.path.join(tmp, name),

@@ -33,7 +33,7 @@ from megatron_llama.checkpoint_files import (
     iteration_dir,
     latest_iteration,
 )
-from megatron_llama.convert.source import WeightSource
+from megatron_llama.convert.source import WeightSource, refuse_if_damaged
 from megatron_llama.errors import ConfigError, read_json_object
 from megatron_llama.model.canonical import (
     LAYER_NORM_NAMES,
@@ -113,6 +113,7 @@ class MegatronCheckpoint(WeightSource):
         install()  # DCP's metadata and bytes items: no pickled code runs
         self.path, meta = read_metadata(root)
         check_metadata(self.path)
+        refuse_if_damaged(self.path)
         self.config = LlamaConfig.from_dict(meta["model"],
                                             source=os.path.join(self.path, METADATA))
         tok = meta.get("tokenizer")
@@ -317,7 +318,7 @@ def write_megatron(output: str, source: WeightSource, *, dtype: Optional[torch.d
             full = full.narrow(dim, start, size)
         return full.to(want).reshape(sizes if not key.startswith(LAYER_PREFIX) else (1, *sizes))
 
-    with staged_directory(output, force) as tmp, \
+    with staged_directory(output, force, owner="convert") as tmp, \
             tqdm(total=cfg.n_layers, unit="layer", desc="megatron", disable=not progress) as bar:
         path = iteration_dir(tmp, 0)
         os.makedirs(path)

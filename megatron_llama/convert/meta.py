@@ -169,7 +169,7 @@ def write_meta(output: str, source: WeightSource, shards: int,
                           f"{cfg.num_kv_heads} KV heads are not divisible")
     keys = meta_keys(cfg)
     bar = tqdm(total=shards * cfg.n_layers, unit="layer", desc="meta", disable=not progress)
-    with staged_directory(output, force) as tmp, bar:
+    with staged_directory(output, force, owner="convert") as tmp, bar:
         for r in range(shards):
             path = os.path.join(tmp, f"consolidated.{r:02d}.pth")
             writer = TorchFileWriter(path, [(k, shard_shape(k, cfg, shards), dtype) for k in keys])

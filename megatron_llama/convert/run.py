@@ -20,6 +20,7 @@ from megatron_llama.checkpoint_files import (
     is_megatron_root,
 )
 from megatron_llama.errors import ConfigError
+from megatron_llama.fileio import check_replaceable
 
 if TYPE_CHECKING:
     from megatron_llama.convert.source import WeightSource
@@ -107,6 +108,7 @@ def convert(input_dir: str, output_dir: str, to: str, *, shards: Optional[int] =
         raise ConfigError(f"{output_dir}: output must differ from the input")
     if os.path.exists(output_dir) and not force:
         raise ConfigError(f"{output_dir}: already exists (pass --force to replace it)")
+    check_replaceable(output_dir, "convert")  # --force never replaces a user's directory
     with open_source(input_dir) as source:
         cfg = source.config
         out_dtype = DTYPES[dtype] if dtype else source.dtype

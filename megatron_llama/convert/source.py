@@ -12,8 +12,19 @@ from typing import Optional
 
 import torch
 
+from megatron_llama.errors import ConfigError
 from megatron_llama.model.canonical import split_dim
 from megatron_llama.model.config import LlamaConfig
+from megatron_llama.resilience.integrity import verify_folder
+
+
+def refuse_if_damaged(folder: str) -> None:
+    """Verify a training checkpoint's files against the checksums its save recorded (one
+    streaming read); a damaged, truncated or missing file is a one-line `ConfigError`."""
+    problem = verify_folder(folder)
+    if problem:
+        raise ConfigError(f"{problem}; refusing to convert it (`pretrain` falls back to the "
+                          "previous complete checkpoint)")
 
 
 class WeightSource:

@@ -52,11 +52,12 @@ class DataBlend:
         return [p / sum(parts) for p in parts]
 
     def check_files(self) -> None:
-        """Every source exists and has documents in each split of non-zero share.
+        """Every source exists, its .idx and .bin agree (`indexed.check_pair`), and it has
+        documents in each split of non-zero share.
 
         megatron-core 0.16.1 loops forever on a split without documents; we refuse instead.
         """
-        from megatron_llama.data.indexed import document_count
+        from megatron_llama.data.indexed import check_pair
 
         bounds = [0.0]
         for f in self.split_fractions:
@@ -67,7 +68,7 @@ class DataBlend:
                     raise ConfigError(f"{self.path}: source {s.name!r}: {s.prefix + ext} not found "
                                       "(run `megatron-llama preprocess` first)")
             try:
-                n = document_count(s.prefix)
+                n = check_pair(s.prefix)  # sizes, dtype and counts agree
             except ValueError as e:
                 raise ConfigError(f"{self.path}: source {s.name!r}: {e}") from None
             for name, beg, end in zip(("train", "valid", "test"), bounds[:-1], bounds[1:]):

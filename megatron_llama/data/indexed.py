@@ -106,6 +106,56 @@ class IndexedDatasetWriter:
             self.abort()
 
 
+_DTYPES_BY_CODE = {code: np.dtype(t) for t, code in _DTYPE_CODES.items()}
+_HEADER_BYTES = len(_HEADER) + 8 + 1 + 8 + 8
+
+
+def check_pair(prefix: str) -> int:
+    """Check that ``<prefix>.idx`` and ``<prefix>.bin`` belong together; return the number
+    of documents.
+
+    Reads only the header and the last index entries: the index must have the size its
+    header implies, its pointers must fit the .bin of the header's dtype exactly, and the
+    document index must end at the sequence count. A truncated or mismatched pair (a copy
+    cut short, the .bin of another run) raises ValueError naming the file and the problem,
+    before megatron-core's dataset reads past an end.
+    """
+    idx, bin_path = prefix + ".idx", prefix + ".bin"
+    with open(idx, "rb") as f:
+        header = f.read(_HEADER_BYTES)
+        if not header.startswith(_HEADER) or len(header) < _HEADER_BYTES:
+            raise ValueError(f"{idx}: not a megatron-core index file")
+        version, code, sequences, documents_plus_one = struct.unpack("<QBQQ", header[len(_HEADER):])
+        if version != 1 or code not in _DTYPES_BY_CODE or documents_plus_one < 1:
+            raise ValueError(f"{idx}: unsupported index (version {version}, dtype code {code})")
+        expected = _HEADER_BYTES + sequences * (4 + 8) + documents_plus_one * 8
+        size = os.fstat(f.fileno()).st_size
+        if size != expected:
+            raise ValueError(f"{idx}: {size:,} bytes, but its header ({sequences:,} sequences, "
+                             f"{documents_plus_one - 1:,} documents) implies {expected:,}: "
+                             "truncated or damaged; run `megatron-llama preprocess` again")
+        itemsize = _DTYPES_BY_CODE[code].itemsize
+        end = 0
+        if sequences:
+            f.seek(_HEADER_BYTES + (sequences - 1) * 4)
+            (last_length,) = struct.unpack("<i", f.read(4))
+            f.seek(_HEADER_BYTES + sequences * 4 + (sequences - 1) * 8)
+            (last_pointer,) = struct.unpack("<q", f.read(8))
+            end = last_pointer + last_length * itemsize
+        f.seek(size - 8)
+        (last_document,) = struct.unpack("<q", f.read(8))
+    if last_document != sequences:
+        raise ValueError(f"{idx}: its document index ends at {last_document}, not at its "
+                         f"{sequences} sequences: damaged; run `megatron-llama preprocess` again")
+    bin_size = os.path.getsize(bin_path)
+    if bin_size != end:
+        what = "truncated" if bin_size < end else "longer than its index"
+        raise ValueError(f"{bin_path}: {bin_size:,} bytes, but {idx} indexes {end:,} bytes of "
+                         f"{_DTYPES_BY_CODE[code].name} tokens ({what}: the pair does not "
+                         "belong together; run `megatron-llama preprocess` again)")
+    return documents_plus_one - 1
+
+
 def document_count(prefix: str) -> int:
     """Number of documents in ``<prefix>.idx``, read from its header."""
     with open(prefix + ".idx", "rb") as f:

@@ -24,6 +24,9 @@ import torch
 
 from megatron_llama.errors import ConfigError, check_installed
 from megatron_llama.model.config import to_transformer_config
+from megatron_llama.resilience.lock import RunLock
+from megatron_llama.training.engines.verified import prune, remove_failed_saves
+from megatron_llama.resilience.watchdog import Watchdog, injected_hang
 from megatron_llama.training.recipe import (
     SCHEDULE_FIELDS,
     TrainConfig,
@@ -33,7 +36,7 @@ from megatron_llama.training.recipe import (
 
 _signal_received = {"value": 0}
 # Fault injection for tests and drills (documented in the README):
-SIGKILL_TEST_ENV = "MEGATRON_LLAMA_TEST_SIGKILL_AFTER"  # SIGKILL itself after saving step N
+SIGKILL_TEST_ENV = "MEGATRON_LLAMA_TEST_SIGKILL_AT"  # SIGKILL itself at the end of step N
 NAN_TEST_ENV = "MEGATRON_LLAMA_TEST_NAN_STEPS"  # comma-separated steps whose loss becomes NaN
 FAIL_RANK_TEST_ENV = "MEGATRON_LLAMA_TEST_FAIL_RANK"  # this rank raises before its first step
 
@@ -61,6 +64,8 @@ def preflight(cfg: TrainConfig, world_size: int, ranks_here: Optional[int] = Non
         from megatron_llama.data.blend import resolve_data
 
         resolve_data(cfg.data_blend).check_files()
+    if cfg.save_dir:  # another run writing there is refused before any rank starts
+        RunLock(cfg.save_dir).check()
     warn = warn and int(os.environ.get("RANK", 0)) == 0
     if warn and cfg.train_steps <= cfg.warmup_steps and cfg.warmup_steps > 0:
         print(f"warning: {cfg.warmup_steps} warmup steps do not fit in {cfg.train_steps} "
@@ -84,14 +89,45 @@ def pretrain(cfg: TrainConfig) -> dict:
 
     tokenizer = preflight(cfg, launcher_world_size())
     rank, world = init_distributed()
-    initialize(cfg.layout, seed=cfg.seed)
+    watchdog = Watchdog(rank, cfg.hang_timeout).start()
+    lock = None
     try:
-        return _train(cfg, tokenizer, rank, world)
+        initialize(cfg.layout, seed=cfg.seed)
+        lock = _lock_save_dir(cfg, rank)
+        return _train(cfg, tokenizer, rank, world, watchdog)
     finally:
+        watchdog.stop()
+        if lock is not None:
+            lock.release()
         destroy()  # process groups; torch.distributed stays up for another run
 
 
-def _train(cfg: TrainConfig, tokenizer, rank: int, world: int) -> dict:
+def _lock_save_dir(cfg: TrainConfig, rank: int) -> Optional[RunLock]:
+    """Rank 0 takes ``--save``'s one-writer lock for the run; every rank learns the outcome
+    (a refusal is the same one line on every rank)."""
+    import torch.distributed as dist
+
+    lock, outcome = None, [None, None]
+    if rank == 0 and cfg.save_dir:
+        lock = RunLock(cfg.save_dir)
+        try:
+            outcome = [None, lock.acquire()]
+        except ConfigError as e:
+            outcome = [str(e), None]
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0]:
+        raise ConfigError(outcome[0])
+    if outcome[1]:
+        print(f"{cfg.save_dir}: {outcome[1]}", file=sys.stderr, flush=True)
+    if lock is not None:  # no other run writes here: leftovers of failed saves can go
+        removed = remove_failed_saves(cfg.save_dir)
+        if removed:
+            print(f"{cfg.save_dir}: removed {', '.join(removed)} (saves that did not finish)",
+                  file=sys.stderr, flush=True)
+    return lock
+
+
+def _train(cfg: TrainConfig, tokenizer, rank: int, world: int, watchdog: Watchdog) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -111,7 +147,8 @@ def _train(cfg: TrainConfig, tokenizer, rank: int, world: int) -> dict:
     state = {"iteration": 0, "consumed_samples": 0, "updates": 0, "skipped": 0,
              "schedule": schedule_of(cfg)}
     if cfg.load_dir:
-        loaded = engine.load(cfg.load_dir, expected_model=_checkpoint_metadata(cfg)["model"])
+        with watchdog.long("loading the checkpoint"):
+            loaded = engine.load(cfg.load_dir, expected_model=_checkpoint_metadata(cfg)["model"])
         if loaded is not None:
             state.update(loaded)
             state["schedule"] = _resumed_schedule(cfg, loaded.get("schedule"), rank)
@@ -120,7 +157,10 @@ def _train(cfg: TrainConfig, tokenizer, rank: int, world: int) -> dict:
                             tokenizer.eos_id if tokenizer else None)
     log = RunLog(cfg.log_file or (os.path.join(cfg.save_dir, "log.jsonl") if cfg.save_dir else None),
                  active=rank == 0, wandb_project=cfg.wandb_project, wandb_run=cfg.wandb_run,
-                 wandb_dir=cfg.save_dir, config=_plain(cfg))
+                 wandb_dir=cfg.save_dir, config=_plain(cfg), start_step=state["iteration"])
+    if log.dropped:
+        print(f"log: dropped {log.dropped} record(s) past step {state['iteration']} (written "
+              "after that checkpoint; those steps run again)", flush=True)
     dist.barrier()  # all ranks measure the CPU peak together, as they will train
     peak, peak_source = peak_tflops(cfg.peak_tflops)
     flops_tok = flops_per_token(cfg.model, cfg.seq_length)
@@ -146,6 +186,7 @@ def _train(cfg: TrainConfig, tokenizer, rank: int, world: int) -> dict:
         while state["iteration"] < cfg.train_steps:
             it = state["iteration"] + 1
             start = time.perf_counter()
+            injected_hang(it, rank)
             local = engine.forward_backward(data.train_batches(state["consumed_samples"]),
                                             poison=it in nan_steps)
             loss, stop_signal = _agree(local, _signal_received["value"])
@@ -173,13 +214,20 @@ def _train(cfg: TrainConfig, tokenizer, rank: int, world: int) -> dict:
                           mfu=tflops / peak if peak else None, memory_gb=memory_gb())
             if it % cfg.log_interval == 0 or it == cfg.train_steps:
                 log.write(record, echo=_format(record))
+            watchdog.beat(it, elapsed)
             if cfg.eval_interval and it % cfg.eval_interval == 0:
-                _evaluate(engine, data, cfg, log, it)
-            must_save = (cfg.save_interval and it % cfg.save_interval == 0) or stop_signal
+                with watchdog.long(f"validation after step {it}"):
+                    _evaluate(engine, data, cfg, log, it)
+            exiting = bool(cfg.exit_after_steps) and it >= cfg.exit_after_steps
+            must_save = ((cfg.save_interval and it % cfg.save_interval == 0) or stop_signal
+                         or exiting)
             if cfg.save_dir and (must_save or it == cfg.train_steps):
-                engine.save(cfg.save_dir, it, state, _checkpoint_metadata(cfg))
-                if kill_after and it >= kill_after:
-                    _crash()
+                with watchdog.long(f"saving the checkpoint of step {it}"):
+                    engine.save(cfg.save_dir, it, state, _checkpoint_metadata(cfg))
+                if rank == 0:  # step `it` is complete and named latest: older ones may go
+                    prune(cfg.save_dir, cfg.keep_last, it)
+            if kill_after and it >= kill_after:  # after this step's log and save, if any
+                _crash()
             if stop_signal:
                 status = f"stopped by a signal after step {it}"
                 if rank == 0:
@@ -187,7 +235,7 @@ def _train(cfg: TrainConfig, tokenizer, rank: int, world: int) -> dict:
                              if cfg.save_dir else "nothing saved (no --save)")
                     print(f"{status}; {saved}", flush=True)
                 break
-            if cfg.exit_after_steps and it >= cfg.exit_after_steps:
+            if exiting:
                 status = f"exit after {it} steps"
                 break
     finally:

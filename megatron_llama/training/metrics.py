@@ -16,6 +16,7 @@ import time
 from typing import Optional
 
 from megatron_llama.errors import require
+from megatron_llama.fileio import write_text
 from megatron_llama.model.config import LlamaConfig
 
 # Dense bf16 peak TFLOP/s per GPU (no sparsity).
@@ -84,23 +85,49 @@ def memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
+def truncate_log(path: str, last_step: int) -> int:
+    """Keep the records of ``path`` up to step ``last_step`` (and no unreadable line, such as
+    one cut short by a crash); rewrite it atomically. Returns the number of lines dropped."""
+    if not os.path.isfile(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+                keep = line.endswith("\n") and int(record.get("step", 0)) <= last_step
+            except (ValueError, TypeError, AttributeError):
+                keep = False
+            if keep:
+                kept.append(line)
+            else:
+                dropped += 1
+    if dropped:
+        write_text(path, "".join(kept))
+    return dropped
+
+
 class RunLog:
     """One record per logging interval to stdout, a JSONL file and (optionally) wandb.
 
-    Only the process that constructs it with ``active=True`` (rank 0) writes. The JSONL file
-    is appended to, so a resumed run continues the same log.
+    Only the process that constructs it with ``active=True`` (rank 0) writes. A resumed run
+    continues the same JSONL file from ``start_step``: records of later steps (written after
+    the checkpoint it resumes from, before a crash) are dropped first, so the log holds every
+    step exactly once.
     """
 
     def __init__(self, path: Optional[str], active: bool, wandb_project: Optional[str] = None,
                  wandb_run: Optional[str] = None, wandb_dir: Optional[str] = None,
-                 config: Optional[dict] = None):
+                 config: Optional[dict] = None, start_step: int = 0):
         self.active = active
         self.file = None
         self.wandb = None
+        self.dropped = 0
         if not active:
             return
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self.dropped = truncate_log(path, start_step)
             self.file = open(path, "a", encoding="utf-8")
         if wandb_project:
             os.environ.setdefault("WANDB_MODE", "online" if os.environ.get("WANDB_API_KEY")

@@ -45,6 +45,7 @@ GROUPS = {
     "recipe": "recipe (defaults: the paper's)",
     "data": "data",
     "checkpoints": "checkpoints",
+    "reliability": "fault tolerance",
     "logging": "evaluation and logging",
 }
 
@@ -92,6 +93,15 @@ class TrainConfig:
     load_dir: Optional[str] = option(None, "resume from the latest checkpoint here (default: "
                                      "--save, if it has one)", group="checkpoints",
                                      flag="--load", derived=True)
+    keep_last: int = option(0, "keep only the N newest checkpoints: older ones are removed once "
+                            "a newer one is complete and verified; 0 keeps all",
+                            group="checkpoints")
+    # fault tolerance
+    hang_timeout: Optional[float] = option(
+        None, "seconds without a finished step after which a rank prints the Python stack of "
+        "each thread and exits 124 (so Slurm requeues); 0 disables (default: max(300 s, 20 x "
+        "the slowest step); start-up, loads, saves and evaluations get at least 1800 s)",
+        group="reliability", derived=True)
     # evaluation and logging
     eval_interval: int = option(0, "validate every N steps; 0 = never", group="logging")
     eval_iters: int = option(4, "validation global batches", group="logging")
@@ -145,6 +155,8 @@ class TrainConfig:
             raise ConfigError(f"nan policy must be skip or stop, got {self.nan_policy!r}")
         if self.train_steps < 1:
             raise ConfigError("train steps must be >= 1")
+        if self.keep_last < 0 or (self.hang_timeout is not None and self.hang_timeout < 0):
+            raise ConfigError("--keep-last and --hang-timeout must be >= 0")
         if self.engine not in ENGINES:
             raise ConfigError(f"engine must be {' or '.join(ENGINES)}, got {self.engine!r}")
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from typing import Optional
 
 import torch
@@ -28,6 +29,7 @@ import torch
 from megatron_llama.checkpoint_files import (
     DEEPSPEED_LATEST,
     METADATA,
+    TAG_PREFIX,
     deepspeed_latest_tag,
     is_megatron_root,
     iteration_tag,
@@ -40,6 +42,7 @@ from megatron_llama.errors import (
 )
 from megatron_llama.fileio import write_json, write_text
 from megatron_llama.training.engines.base import Engine, lm_loss
+from megatron_llama.training.engines.verified import choose_iteration, record_checksums
 from megatron_llama.training.recipe import TrainConfig, lr_at
 
 
@@ -209,9 +212,11 @@ class DeepSpeedEngine(Engine):
         self.engine.save_checkpoint(root, tag=tag, client_state={"train_state": train_state},
                                     save_latest=False)
         dist.barrier()
+        files = record_checksums(os.path.join(root, tag))
         if dist.get_rank() == 0:
             write_json({**metadata, "engine": "deepspeed", "zero_stage": self.cfg.zero_stage,
-                        "iteration": iteration, **train_state}, os.path.join(root, tag, METADATA))
+                        "iteration": iteration, **train_state, "files": files},
+                       os.path.join(root, tag, METADATA))
             write_text(os.path.join(root, DEEPSPEED_LATEST), tag)
         dist.barrier()
 
@@ -223,6 +228,8 @@ class DeepSpeedEngine(Engine):
                 raise ConfigError(f"{root}: a megatron-core checkpoint; resume it with --engine "
                                   "megatron, or convert it")
             return None
+        if re.fullmatch(rf"{TAG_PREFIX}\d+", tag):  # ours: verify, fall back if damaged
+            tag = iteration_tag(choose_iteration(root, int(tag[len(TAG_PREFIX):])))
         meta_path = os.path.join(root, tag, METADATA)
         if expected_model is not None and os.path.isfile(meta_path):
             saved = read_json_object(meta_path).get("model")

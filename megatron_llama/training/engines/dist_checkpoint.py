@@ -4,8 +4,10 @@ Where the files are is `megatron_llama.checkpoint_files` (shared with `convert`)
 ``iter_N`` folder holds the model, optimizer, scheduler, RNG and train state (iteration,
 consumed samples, skipped steps).
 
-A checkpoint is written into ``iter_N.tmp`` and renamed only after every rank finished, and
-the tracker names it only after that, so "latest" is always complete; a crash mid-save
+A checkpoint is written into ``iter_N.tmp`` and renamed only after every rank finished (and
+the ranks recorded a checksum of every file in its metadata), and the tracker names it only
+after that, so "latest" is always complete; loading verifies the checksums first and falls
+back to the previous complete checkpoint when the latest is damaged (`engines.verified`); a crash mid-save
 leaves the previous checkpoint as latest. The model and the optimizer use reshardable
 formats, so a run can resume under another TP/PP layout.
 
@@ -34,6 +36,7 @@ from megatron_llama.checkpoint_files import (
 )
 from megatron_llama.errors import ConfigError
 from megatron_llama.fileio import commit_directory, write_json, write_text
+from megatron_llama.training.engines.verified import choose_iteration, record_checksums
 
 OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
 
@@ -89,8 +92,9 @@ def save(root: str, iteration: int, chunks, optimizer, scheduler, train_state: d
     with _stop_signals_blocked():  # inherited by the helper processes the save starts
         dist_checkpointing.save(sd, tmp, content_metadata=OPTIMIZER_SHARDING)
     dist.barrier()
+    files = record_checksums(tmp)  # each rank reads back its share of the files
     if rank == 0:
-        write_json(metadata or {}, os.path.join(tmp, METADATA))
+        write_json({**(metadata or {}), "files": files}, os.path.join(tmp, METADATA))
         commit_directory(tmp, final)
         write_text(os.path.join(root, TRACKER), str(iteration))
     dist.barrier()
@@ -131,6 +135,7 @@ def load(root: str, chunks, optimizer, scheduler, expected_model: Optional[dict]
     iteration = latest_iteration(root)
     if iteration is None:
         return None
+    iteration = choose_iteration(root, iteration)  # verified, or the newest earlier that is
     path = iteration_dir(root, iteration)
     meta = read_checkpoint_metadata(path)
     if expected_model is not None and meta.get("model") not in (None, expected_model):
