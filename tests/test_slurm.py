@@ -303,3 +303,41 @@ def test_slurm_job_finished_after_requeue(preempted_job):
     assert _latest(preempted_job["ckpt"]) == TRAIN_STEPS
     assert f"finished: checkpoint at step {TRAIN_STEPS} of {TRAIN_STEPS}" in preempted_job["output"]
     assert not any(p.name.endswith(".tmp") for p in preempted_job["ckpt"].iterdir())
+
+
+@pytest.mark.slurm
+def test_slurm_job_requeued_after_a_hang_within_its_retry_budget(cluster):
+    """Rank 1 stops in step 3 every time: the watchdog ends the step (exit 124) with both
+    ranks' stacks, srun ends the job step, the script requeues once (--max-retries 1), then
+    gives up at the same checkpoint step."""
+    runs = cluster.root / "hang-runs"
+    script = cluster.root / "hang.sbatch"
+    render = subprocess.run(
+        [sys.executable, "-m", "megatron_llama.cli", "sbatch", "--preset", "tiny",
+         "--nodes", "2", "--gpus-per-node", "0", "--tasks-per-node", "1",
+         "--partition", "debug", "--time", "20", "--job-name", "tiny-hang",
+         "--venv", sys.prefix, "--run-root", str(runs), "--output", str(script),
+         "--synthetic", "--micro-batch", "2", "--global-batch", "4", "--seq-length", "64",
+         "--train-steps", "1000", "--save-interval", "100", "--max-retries", "1",
+         "--env", "MEGATRON_LLAMA_TEST_HANG_AT=3:1",
+         "--", "--peak-tflops", "1", "--warmup-steps", "2", "--hang-timeout", "5"],
+        capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert render.returncode == 0, render.stderr
+    job = cluster.submit(str(script))
+    output = runs / f"tiny-hang-{job}.out"
+    cluster.wait_for(lambda: cluster.job(job)["JobState"] == "FAILED", 600,
+                     "the job to hang, requeue once and give up")
+    info = cluster.job(job)
+    assert info["Restarts"] == "1", info
+    out = _read(output)  # srun's status: 124 from the watchdog, or 143 for a task it ended
+    assert re.search(r"training failed \(srun exit 1[24][34]\) at checkpoint step 0: requeueing "
+                     rf"job {job} \(retry 1 of 1 at this step\)", out), out
+    assert re.search(r"training failed \(srun exit 1[24][34]\) at checkpoint step 0; 1 retries "
+                     "at this step spent: not requeued", out), out
+    assert "No such file" not in out, out
+    for restart in (0, 1):
+        log = _read(runs / f"tiny-hang-{job}" / "logs" / f"train-restart{restart}.log")
+        for rank in (0, 1):
+            assert re.search(rf"{rank}: megatron-llama pretrain: error: rank {rank} made no "
+                             r"progress for \d+ s after step 2, in step 3", log), log
+        assert "in injected_hang" in log, log

@@ -37,7 +37,8 @@ def cmd_sbatch(args: argparse.Namespace) -> int:
     script, s = render_script(args.preset, cluster, overrides, data=absolute(args.data),
                               tokenizer=absolute(args.tokenizer), synthetic=args.synthetic,
                               checkpoint_dir=absolute(args.checkpoint_dir),
-                              train_steps=args.train_steps, extra_args=extra)
+                              train_steps=args.train_steps, max_retries=args.max_retries,
+                              extra_args=extra)
     output = args.output or f"{cluster.job_name or 'llama-' + s['preset']}.sbatch"
     folder = os.path.dirname(os.path.abspath(output))
     if os.path.exists(output) and not args.force:
@@ -105,6 +106,9 @@ def add_command(subparsers) -> None:
                    help="export in the script, e.g. NCCL_SOCKET_IFNAME=ib0 (repeatable)")
     c.add_argument("--signal-seconds", type=int, default=None,
                    help="SIGUSR1 this many seconds before the time limit (preset's)")
+    c.add_argument("--max-retries", type=int, default=3,
+                   help="requeue a failed run (a crash, a hang, a lost node) up to this many "
+                        "times in a row at one checkpoint step; 0 never (3)")
     c.add_argument("--output", default=None, help="script to write (<job name>.sbatch)")
     c.add_argument("--force", action="store_true", help="replace an existing --output")
     lay = p.add_argument_group("layout and recipe (default: the preset's settings file)")

@@ -224,7 +224,7 @@ def _fill(template: str, fields: dict[str, str]) -> str:
 def render_script(preset: str, cluster: Cluster, overrides: Optional[dict] = None, *,
                   data: Optional[str] = None, tokenizer: Optional[str] = None,
                   synthetic: bool = False, checkpoint_dir: Optional[str] = None,
-                  train_steps: Optional[int] = None,
+                  train_steps: Optional[int] = None, max_retries: int = 3,
                   extra_args: Sequence[str] = ()) -> tuple[str, dict]:
     """Render the batch script; returns (script text, summary of the checked run).
 
@@ -245,6 +245,8 @@ def render_script(preset: str, cluster: Cluster, overrides: Optional[dict] = Non
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
             raise ConfigError(f"--env {key!r}: not a variable name")
     steps = check_run(name, values, cluster, train_steps)
+    if max_retries < 0:
+        raise ConfigError(f"--max-retries must be >= 0, got {max_retries}")
     q = shlex.quote
     options = []
     if cluster.gpus_per_node:
@@ -257,6 +259,8 @@ def render_script(preset: str, cluster: Cluster, overrides: Optional[dict] = Non
     settings = [f"PRESET={name}"] + lines + [
         f"TRAIN_STEPS={steps}  # " + ("set explicitly" if train_steps is not None else
                                       f"the preset's tokens / ({tokens})"),
+        f"MAX_RETRIES={max_retries}  # requeues after failures in a row at one checkpoint "
+        "step (a crash, a hang, a lost node); 0: never",
         f"RUN_ROOT={q(cluster.run_root)}  # per-job folders: RUN_ROOT/<job name>-<job id>/",
         f"CKPT_DIR={q(checkpoint_dir) if checkpoint_dir else ''}  # empty: the job's own "
         "folder; set it to continue another job's checkpoints"]

@@ -81,12 +81,17 @@ def verify_folder(folder: str) -> Optional[str]:
     return None if manifest is None else verify_files(folder, manifest, sorted(manifest))
 
 
+def is_committed(folder: str) -> bool:
+    """A checkpoint folder whose save finished (its metadata is written last)."""
+    return os.path.isfile(os.path.join(folder, METADATA))
+
+
 def complete_iterations(root: str) -> list[int]:
     """Iterations under ``root`` that were committed (``iter_N`` with metadata; a ``.tmp``
     folder is a save that did not finish), newest first."""
     found = []
     for name in os.listdir(root) if os.path.isdir(root) else []:
         m = _ITERATION_DIR.match(name)
-        if m and os.path.isfile(os.path.join(root, name, METADATA)):
+        if m and is_committed(os.path.join(root, name)):
             found.append(int(m.group(1)))
     return sorted(found, reverse=True)

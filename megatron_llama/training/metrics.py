@@ -9,6 +9,7 @@ On CPU the peak is the fp32 GEMM throughput measured at start-up on this machine
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -143,8 +144,15 @@ class RunLog:
         if echo:
             print(echo, flush=True)
         if self.file:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            try:
+                self.file.write(json.dumps(record) + "\n")
+                self.file.flush()
+            except OSError as e:  # a full disk must not end the run over its log
+                print(f"warning: {self.file.name}: cannot write the log ({e.strerror}); "
+                      "logging to stdout only from here", flush=True)
+                with contextlib.suppress(OSError):
+                    self.file.close()
+                self.file = None
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))},
                            step=record.get("step"))

@@ -42,7 +42,13 @@ from megatron_llama.errors import (
 )
 from megatron_llama.fileio import write_json, write_text
 from megatron_llama.training.engines.base import Engine, lm_loss
-from megatron_llama.training.engines.verified import choose_iteration, record_checksums
+from megatron_llama.training.engines.verified import (
+    choose_iteration,
+    describe_write_error,
+    injected_write_failure,
+    record_checksums,
+    save_failed,
+)
 from megatron_llama.training.recipe import TrainConfig, lr_at
 
 
@@ -209,8 +215,16 @@ class DeepSpeedEngine(Engine):
         tag = iteration_tag(iteration)
         # `latest` is written last, by us: it names a checkpoint only once every rank's files
         # and the metadata are complete (a crash before leaves the previous one as latest)
-        self.engine.save_checkpoint(root, tag=tag, client_state={"train_state": train_state},
-                                    save_latest=False)
+        try:
+            injected_write_failure(iteration, dist.get_rank())
+            self.engine.save_checkpoint(root, tag=tag, client_state={"train_state": train_state},
+                                        save_latest=False)
+        except OSError as e:
+            # this rank stops with one line; the launcher (or srun --kill-on-bad-exit) ends
+            # the others, `latest` still names the previous checkpoint, and the next run
+            # removes the unfinished folder (`verified.remove_failed_saves`)
+            raise ConfigError(save_failed(root, iteration, describe_write_error(e),
+                                          removed=False)) from None
         dist.barrier()
         files = record_checksums(os.path.join(root, tag))
         if dist.get_rank() == 0:

@@ -20,6 +20,7 @@ otherwise the default action kills them and the very save the signal asked for f
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -36,8 +37,16 @@ from megatron_llama.checkpoint_files import (
 )
 from megatron_llama.errors import ConfigError
 from megatron_llama.fileio import commit_directory, write_json, write_text
-from megatron_llama.training.engines.verified import choose_iteration, record_checksums
+from megatron_llama.training.engines.verified import (
+    agree_on_error,
+    choose_iteration,
+    describe_write_error,
+    injected_write_failure,
+    record_checksums,
+    save_failed,
+)
 
+_WRITER_LOGGER = "megatron.core.dist_checkpointing.strategies.filesystem_async"
 OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
@@ -75,29 +84,57 @@ def _sharded_state(chunks, optimizer, scheduler, train_state: dict, is_loading: 
 
 def save(root: str, iteration: int, chunks, optimizer, scheduler, train_state: dict,
          metadata: Optional[dict] = None) -> str:
-    """Save on all ranks (collective); returns the checkpoint directory."""
+    """Save on all ranks (collective); returns the checkpoint directory.
+
+    A write error on any rank (a full disk, a quota, an I/O error) fails the save on every
+    rank alike: the partial ``iter_N.tmp`` is removed, the previous checkpoint stays the
+    latest, and a one-line `ConfigError` says so.
+    """
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
     final = iteration_dir(root, iteration)
     tmp = final + ".tmp"
     rank = dist.get_rank()
+    error = None
     if rank == 0:
-        os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    dist.barrier()
-    sd = _sharded_state(chunks, optimizer, scheduler, train_state, is_loading=False,
-                        optimizer_metadata=OPTIMIZER_SHARDING)
-    with _stop_signals_blocked():  # inherited by the helper processes the save starts
-        dist_checkpointing.save(sd, tmp, content_metadata=OPTIMIZER_SHARDING)
-    dist.barrier()
-    files = record_checksums(tmp)  # each rank reads back its share of the files
-    if rank == 0:
-        write_json({**(metadata or {}), "files": files}, os.path.join(tmp, METADATA))
-        commit_directory(tmp, final)
-        write_text(os.path.join(root, TRACKER), str(iteration))
-    dist.barrier()
+        try:
+            os.makedirs(root, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        except OSError as e:
+            error = describe_write_error(e)
+    error = agree_on_error(error)
+    if error is None:
+        # its writers log a failed write at ERROR, then raise it: we report it, in one line
+        logging.getLogger(_WRITER_LOGGER).setLevel(logging.CRITICAL)
+        sd = _sharded_state(chunks, optimizer, scheduler, train_state, is_loading=False,
+                            optimizer_metadata=OPTIMIZER_SHARDING)
+        try:
+            with _stop_signals_blocked():  # inherited by the helper processes the save starts
+                dist_checkpointing.save(sd, tmp, content_metadata=OPTIMIZER_SHARDING)
+            injected_write_failure(iteration, rank)  # after the collective save: symmetric
+        except (Exception, CheckpointException) as e:  # noqa: BLE001
+            # dist_checkpointing reports any rank's OSError in torch's CheckpointException
+            # (a BaseException) or its own types
+            error = describe_write_error(e)
+        error = agree_on_error(error)
+    if error is None:
+        files = record_checksums(tmp)  # each rank reads back its share of the files
+        if rank == 0:
+            try:
+                write_json({**(metadata or {}), "files": files}, os.path.join(tmp, METADATA))
+                commit_directory(tmp, final)
+                write_text(os.path.join(root, TRACKER), str(iteration))
+            except (OSError, ConfigError) as e:
+                error = describe_write_error(e)
+        error = agree_on_error(error)
+    if error is not None:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
+        raise ConfigError(save_failed(root, iteration, error))
     return final
 
 
