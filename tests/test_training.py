@@ -70,7 +70,7 @@ def resume_worker(rank, world, workdir):
     other = pretrain(tiny_run(os.path.join(workdir, "relayout"), ParallelLayout(pp=2),
                               load_dir=os.path.join(workdir, "relayout")))["losses"]
     # the latest checkpoint of the uninterrupted run, one byte flipped: back to step N
-    flipped = pretrain(tiny_run(os.path.join(workdir, "flipped"),
+    flipped = pretrain(tiny_run(os.path.join(workdir, "flipped"), keep_last=1,
                                 load_dir=os.path.join(workdir, "flipped")))["losses"]
     return {"same": same, "other": other, "flipped": flipped}
 
@@ -131,6 +131,9 @@ def test_damaged_checkpoint_refused_and_previous_one_resumed(runs):
     assert sorted(flipped) == list(range(N + 1, 2 * N + 1))
     for step in flipped:
         assert flipped[step] == full[step], (step, flipped[step], full[step])  # bitwise
+    # --keep-last 1: the new step-2N checkpoint replaced the damaged one, then step N went
+    assert sorted(p for p in os.listdir(os.path.join(workdir, "flipped"))
+                  if p.startswith("iter_")) == [f"iter_{2 * N:07d}"]
     meta = json.load(open(os.path.join(workdir, "full", f"iter_{2 * N:07d}", checkpoint.METADATA)))
     files = sorted(f for f in os.listdir(os.path.dirname(damaged)) if f != checkpoint.METADATA)
     assert sorted(meta["files"]) == files and all(len(v["crc32"]) == 8

@@ -34,6 +34,7 @@ from megatron_llama.checkpoint_files import (
     latest_iteration,
 )
 from megatron_llama.convert.source import WeightSource, refuse_if_damaged
+from megatron_llama.resilience.integrity import checksum_files, list_files
 from megatron_llama.errors import ConfigError, read_json_object
 from megatron_llama.model.canonical import (
     LAYER_NORM_NAMES,
@@ -333,7 +334,8 @@ def write_megatron(output: str, source: WeightSource, *, dtype: Optional[torch.d
                        "layout": {"tp": tp, "pp": pp, "vp": None}, "dtype": DTYPE_NAMES[dtype],
                        "tokenizer": (os.path.join(os.path.abspath(output), "tokenizer.model")
                                      if source.tokenizer else None),
-                       "model_only": True}, f, indent=1)
+                       "model_only": True,
+                       "files": checksum_files(path, list_files(path))}, f, indent=1)
         if source.tokenizer:
             shutil.copyfile(source.tokenizer, os.path.join(tmp, "tokenizer.model"))
         with open(os.path.join(tmp, TRACKER), "w", encoding="utf-8") as f:

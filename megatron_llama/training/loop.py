@@ -25,7 +25,7 @@ import torch
 from megatron_llama.errors import ConfigError, check_installed
 from megatron_llama.model.config import to_transformer_config
 from megatron_llama.resilience.lock import RunLock
-from megatron_llama.training.engines.verified import prune, remove_failed_saves
+from megatron_llama.training.engines.verified import remove_failed_saves
 from megatron_llama.resilience.watchdog import Watchdog, injected_hang
 from megatron_llama.training.recipe import (
     SCHEDULE_FIELDS,
@@ -177,6 +177,7 @@ def _train(cfg: TrainConfig, tokenizer, rank: int, world: int, watchdog: Watchdo
     previous = {s: signal.signal(s, _on_signal)
                 for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     losses: dict[int, float] = {}
+    save_s = 0.0
     status = "finished"
     kill_after = int(os.environ.get(SIGKILL_TEST_ENV, 0))
     nan_steps = {int(x) for x in os.environ.get(NAN_TEST_ENV, "").split(",") if x.strip()}
@@ -205,9 +206,14 @@ def _train(cfg: TrainConfig, tokenizer, rank: int, world: int, watchdog: Watchdo
             state["iteration"] = it
             state["consumed_samples"] += cfg.global_batch
             elapsed = time.perf_counter() - start
+            if cfg.save_dir:  # an asynchronous save of an earlier step may be complete
+                engine.finish_saves(blocking=False)
+                save_s += time.perf_counter() - start - elapsed
             losses[it] = loss
             tok_s_gpu = tokens_per_step / elapsed / world
             tflops = tok_s_gpu * flops_tok / 1e12
+            # time the loop waited on checkpoints since the last record (saves, commits)
+            record["save_s"], save_s = save_s, 0.0
             record.update(loss=loss, lr=engine.lr, skipped=state["skipped"],
                           consumed_samples=state["consumed_samples"], step_time=elapsed,
                           tokens_per_s_per_gpu=tok_s_gpu, tflops_per_gpu=tflops,
@@ -223,9 +229,11 @@ def _train(cfg: TrainConfig, tokenizer, rank: int, world: int, watchdog: Watchdo
                          or exiting)
             if cfg.save_dir and (must_save or it == cfg.train_steps):
                 with watchdog.long(f"saving the checkpoint of step {it}"):
+                    saving = time.perf_counter()
                     engine.save(cfg.save_dir, it, state, _checkpoint_metadata(cfg))
-                if rank == 0:  # step `it` is complete and named latest: older ones may go
-                    prune(cfg.save_dir, cfg.keep_last, it)
+                    if stop_signal or exiting or it == cfg.train_steps:
+                        engine.finish_saves(blocking=True)  # complete before we stop
+                    save_s += time.perf_counter() - saving
             if kill_after and it >= kill_after:  # after this step's log and save, if any
                 _crash()
             if stop_signal:

@@ -96,6 +96,10 @@ class TrainConfig:
     keep_last: int = option(0, "keep only the N newest checkpoints: older ones are removed once "
                             "a newer one is complete and verified; 0 keeps all",
                             group="checkpoints")
+    async_save: bool = option(False, "write checkpoints in the background (megatron-core's "
+                              "asynchronous dist_checkpointing): training continues while "
+                              "each rank's writer process writes; committed as latest only "
+                              "once every rank is done", group="checkpoints")
     # fault tolerance
     hang_timeout: Optional[float] = option(
         None, "seconds without a finished step after which a rank prints the Python stack of "

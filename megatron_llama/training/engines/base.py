@@ -52,7 +52,14 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def save(self, root: str, iteration: int, train_state: dict, metadata: dict) -> None:
-        """Write a complete checkpoint of ``iteration`` under ``root`` (collective)."""
+        """Write a checkpoint of ``iteration`` under ``root`` (collective): complete on
+        return, or, with ``--async-save``, being written until `finish_saves` commits it."""
+
+    def finish_saves(self, blocking: bool) -> Optional[int]:
+        """Collective: commit an asynchronous save whose files are written (wait for it when
+        ``blocking``); returns its iteration once committed, else None. Engines that save
+        synchronously have nothing to do."""
+        return None
 
     @abc.abstractmethod
     def load(self, root: str, expected_model: Optional[dict]) -> Optional[dict]:

@@ -46,6 +46,7 @@ from megatron_llama.training.engines.verified import (
     choose_iteration,
     describe_write_error,
     injected_write_failure,
+    prune,
     record_checksums,
     save_failed,
 )
@@ -80,6 +81,9 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.layout.sp:
         raise ConfigError("--engine deepspeed runs without --sp: the sequence-parallel norm "
                           "gradient reduction belongs to megatron-core's DDP")
+    if cfg.async_save:
+        raise ConfigError("--async-save is megatron-core's asynchronous dist_checkpointing; "
+                          "the DeepSpeed engine saves synchronously (drop --async-save)")
     if cfg.deepspeed_config and not os.path.isfile(cfg.deepspeed_config):
         raise ConfigError(f"{cfg.deepspeed_config}: DeepSpeed config not found")
 
@@ -232,6 +236,7 @@ class DeepSpeedEngine(Engine):
                         "iteration": iteration, **train_state, "files": files},
                        os.path.join(root, tag, METADATA))
             write_text(os.path.join(root, DEEPSPEED_LATEST), tag)
+            prune(root, self.cfg.keep_last, iteration)
         dist.barrier()
 
     def load(self, root: str, expected_model: Optional[dict]) -> Optional[dict]:

@@ -24,9 +24,11 @@ import logging
 import os
 import shutil
 import signal
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_llama.checkpoint_files import (
     METADATA,
@@ -42,11 +44,15 @@ from megatron_llama.training.engines.verified import (
     choose_iteration,
     describe_write_error,
     injected_write_failure,
+    prune,
     record_checksums,
     save_failed,
 )
 
 _WRITER_LOGGER = "megatron.core.dist_checkpointing.strategies.filesystem_async"
+# dist_checkpointing reports any rank's OSError in torch's CheckpointException (a
+# BaseException) or in its own exception types
+_SAVE_ERRORS: tuple = (Exception, CheckpointException)
 OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
@@ -82,9 +88,30 @@ def _sharded_state(chunks, optimizer, scheduler, train_state: dict, is_loading: 
     return sd
 
 
+@dataclass
+class PendingSave:
+    """An asynchronous save whose files are still being written (see `save`)."""
+
+    root: str
+    iteration: int
+    metadata: dict
+    keep_last: int
+
+    @property
+    def tmp(self) -> str:
+        return iteration_dir(self.root, self.iteration) + ".tmp"
+
+
 def save(root: str, iteration: int, chunks, optimizer, scheduler, train_state: dict,
-         metadata: Optional[dict] = None) -> str:
-    """Save on all ranks (collective); returns the checkpoint directory.
+         metadata: Optional[dict] = None, keep_last: int = 0,
+         async_queue=None) -> Optional[PendingSave]:
+    """Save on all ranks (collective).
+
+    Synchronous by default: returns when the checkpoint is committed (and older ones beyond
+    ``keep_last`` removed). With ``async_queue`` (megatron-core's ``AsyncCallsQueue``) the
+    tensors are handed to a forked writer process per rank and a `PendingSave` is returned
+    at once; `finish` commits it once every rank's writer is done. Either way the commit is
+    the same: checksums, metadata, rename, then the tracker.
 
     A write error on any rank (a full disk, a quota, an I/O error) fails the save on every
     rank alike: the partial ``iter_N.tmp`` is removed, the previous checkpoint stays the
@@ -92,50 +119,88 @@ def save(root: str, iteration: int, chunks, optimizer, scheduler, train_state: d
     """
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
-    from torch.distributed.checkpoint.api import CheckpointException
 
-    final = iteration_dir(root, iteration)
-    tmp = final + ".tmp"
-    rank = dist.get_rank()
+    pending = PendingSave(root, iteration, dict(metadata or {}), keep_last)
     error = None
-    if rank == 0:
+    if dist.get_rank() == 0:
         try:
             os.makedirs(root, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
+            shutil.rmtree(pending.tmp, ignore_errors=True)
+            os.makedirs(pending.tmp)
         except OSError as e:
             error = describe_write_error(e)
-    error = agree_on_error(error)
-    if error is None:
-        # its writers log a failed write at ERROR, then raise it: we report it, in one line
-        logging.getLogger(_WRITER_LOGGER).setLevel(logging.CRITICAL)
-        sd = _sharded_state(chunks, optimizer, scheduler, train_state, is_loading=False,
-                            optimizer_metadata=OPTIMIZER_SHARDING)
+    _fail_if(agree_on_error(error), pending)
+    # its writers log a failed write at ERROR, then raise it: we report it, in one line
+    logging.getLogger(_WRITER_LOGGER).setLevel(logging.CRITICAL)
+    sd = _sharded_state(chunks, optimizer, scheduler, train_state, is_loading=False,
+                        optimizer_metadata=OPTIMIZER_SHARDING)
+    try:
+        with _stop_signals_blocked():  # inherited by the helper processes the save starts
+            request = dist_checkpointing.save(sd, pending.tmp, content_metadata=OPTIMIZER_SHARDING,
+                                              async_sharded_save=async_queue is not None)
+            if async_queue is not None:
+                async_queue.schedule_async_request(request)  # forks this rank's writer
+    except _SAVE_ERRORS as e:
+        error = describe_write_error(e)
+    _fail_if(agree_on_error(error), pending)
+    if async_queue is not None:
+        return pending
+    _commit(pending)
+    return None
+
+
+def finish(pending: PendingSave, async_queue, blocking: bool) -> bool:
+    """Collective: commit ``pending`` if every rank's writer is done (wait for them when
+    ``blocking``); returns whether it was committed."""
+    error = None
+    try:
+        done = bool(async_queue.maybe_finalize_async_calls(blocking=blocking))
+    except _SAVE_ERRORS as e:  # raised on every rank when any rank's writer failed
+        done, error = True, describe_write_error(e)
+    _fail_if(error, pending)
+    if done:
+        _commit(pending)
+    return done
+
+
+def _commit(pending: PendingSave) -> None:
+    """Checksums (each rank reads back its share), metadata, rename, tracker, pruning."""
+    import torch.distributed as dist
+
+    error = None
+    try:
+        injected_write_failure(pending.iteration, dist.get_rank())  # symmetric: all ranks here
+    except OSError as e:
+        error = describe_write_error(e)
+    _fail_if(agree_on_error(error), pending)
+    files = record_checksums(pending.tmp)
+    if dist.get_rank() == 0:
         try:
-            with _stop_signals_blocked():  # inherited by the helper processes the save starts
-                dist_checkpointing.save(sd, tmp, content_metadata=OPTIMIZER_SHARDING)
-            injected_write_failure(iteration, rank)  # after the collective save: symmetric
-        except (Exception, CheckpointException) as e:  # noqa: BLE001
-            # dist_checkpointing reports any rank's OSError in torch's CheckpointException
-            # (a BaseException) or its own types
+            write_json({**pending.metadata, "files": files},
+                       os.path.join(pending.tmp, METADATA))
+            commit_directory(pending.tmp, iteration_dir(pending.root, pending.iteration))
+            write_text(os.path.join(pending.root, TRACKER), str(pending.iteration))
+            prune(pending.root, pending.keep_last, pending.iteration)
+        except (OSError, ConfigError) as e:
             error = describe_write_error(e)
-        error = agree_on_error(error)
+    _fail_if(agree_on_error(error), pending)
+
+
+def _fail_if(error: Optional[str], pending: PendingSave) -> None:
+    """Collective: on an error every rank saw, remove the partial folder and raise."""
     if error is None:
-        files = record_checksums(tmp)  # each rank reads back its share of the files
-        if rank == 0:
-            try:
-                write_json({**(metadata or {}), "files": files}, os.path.join(tmp, METADATA))
-                commit_directory(tmp, final)
-                write_text(os.path.join(root, TRACKER), str(iteration))
-            except (OSError, ConfigError) as e:
-                error = describe_write_error(e)
-        error = agree_on_error(error)
-    if error is not None:
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        dist.barrier()
-        raise ConfigError(save_failed(root, iteration, error))
-    return final
+        return
+    import torch.distributed as dist
+
+    # rank 0's words for every rank (one line, printed once), with the free space as it
+    # was at the failure, before the partial files are removed
+    message = [save_failed(pending.root, pending.iteration, error)
+               if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(message, src=0)
+    if dist.get_rank() == 0:
+        shutil.rmtree(pending.tmp, ignore_errors=True)
+    dist.barrier()
+    raise ConfigError(message[0])
 
 
 @contextlib.contextmanager

@@ -157,6 +157,8 @@ class MegatronEngine(Engine):
                                overlap_grad_reduce=True)
         self.optimizer = build_optimizer(self.chunks, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.async_queue = None  # megatron-core's AsyncCallsQueue, with --async-save
+        self.pending = None  # a dist_checkpoint.PendingSave being written
 
     def describe(self) -> str:
         return "megatron-core (DDP + distributed optimizer)"
@@ -198,8 +200,24 @@ class MegatronEngine(Engine):
     def save(self, root: str, iteration: int, train_state: dict, metadata: dict) -> None:
         from megatron_llama.training.engines import dist_checkpoint
 
-        dist_checkpoint.save(root, iteration, self.chunks, self.optimizer, self.scheduler,
-                             train_state, metadata=metadata)
+        self.finish_saves(blocking=True)  # one save in flight at a time
+        if self.cfg.async_save and self.async_queue is None:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self.async_queue = AsyncCallsQueue()
+        self.pending = dist_checkpoint.save(root, iteration, self.chunks, self.optimizer,
+                                            self.scheduler, train_state, metadata=metadata,
+                                            keep_last=self.cfg.keep_last,
+                                            async_queue=self.async_queue)
+
+    def finish_saves(self, blocking: bool) -> Optional[int]:
+        from megatron_llama.training.engines import dist_checkpoint
+
+        pending = self.pending
+        if pending is None or not dist_checkpoint.finish(pending, self.async_queue, blocking):
+            return None
+        self.pending = None
+        return pending.iteration
 
     def load(self, root: str, expected_model: Optional[dict]) -> Optional[dict]:
         from megatron_llama.checkpoint_files import (

@@ -74,9 +74,11 @@ def _causes(e: BaseException):
 
 
 def agree_on_error(error: Optional[str]) -> Optional[str]:
-    """Every rank's view of a collective step: the first rank's error, or None."""
+    """Every rank's view of a collective step: the most telling rank's error (one with an
+    errno, such as a full disk, over a writer's follow-on error), or None."""
     errors = [e for e in _gather(error) if e]
-    return errors[0] if errors else None
+    with_errno = [e for e in errors if "(errno " in e]
+    return (with_errno or errors or [None])[0]
 
 
 def latest_saved(root: str) -> Optional[int]:
