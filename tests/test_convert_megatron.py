@@ -3,6 +3,7 @@ under other layouts with the paper-reference loss."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -46,13 +47,21 @@ def test_truncated_megatron_checkpoint_refused_before_writing(megatron_single, t
     assert data
     with open(data[0], "r+b") as f:
         f.truncate(os.path.getsize(data[0]) // 2)
+    # the sizes and checksums convert recorded catch it first
+    with pytest.raises(ConfigError, match=r"\.distcp: [\d,]+ bytes, but the checkpoint recorded "
+                                          r"[\d,]+ \(truncated\?\); refusing to convert it"):
+        convert(str(tmp_path / "mcore"), str(tmp_path / "out"), "meta", progress=False)
+    assert not (tmp_path / "out").exists()
+    meta = next(os.path.join(dp, f) for dp, _, fs in os.walk(tmp_path / "mcore") for f in fs
+                if f == "megatron_llama.json")
+    good = open(meta).read()
+    # without recorded checksums (an older checkpoint), DCP's own sizes catch it
+    with open(meta, "w") as f:
+        json.dump({k: v for k, v in json.loads(good).items() if k != "files"}, f)
     with pytest.raises(ConfigError, match=r"\.distcp: \d+ bytes, the checkpoint metadata needs"):
         convert(str(tmp_path / "mcore"), str(tmp_path / "out"), "meta", progress=False)
     assert not (tmp_path / "out").exists()
     # our metadata file, then DCP's, broken in turn: one line each, nothing written
-    meta = next(os.path.join(dp, f) for dp, _, fs in os.walk(tmp_path / "mcore") for f in fs
-                if f == "megatron_llama.json")
-    good = open(meta).read()
     with open(meta, "w") as f:
         f.write("{not json")
     with pytest.raises(ConfigError, match=r"megatron_llama\.json: not valid JSON"):
