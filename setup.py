@@ -24,7 +24,9 @@ setup(
         "tqdm",
         "psutil",  # memory checks; megatron-core's dist_checkpointing imports it undeclared
         "safetensors",  # Hugging Face import/export
-        "tokenizers",   # the tokenizer.json of a Hugging Face export
+        "tokenizers",   # the tokenizer.json of a Hugging Face export; training tiktoken ranks
+        "tiktoken",     # Llama 3's tokenizer.model is a tiktoken BPE rank file
+        "jinja2",       # chat templates (Llama 2 [INST], Llama 3 headers), as Hugging Face renders them
     ],
     extras_require={
         # a command that needs a missing extra says so in one line (errors.require)

@@ -77,7 +77,7 @@ def test_cli_lists_every_command_and_stays_light():
 
 def test_pretrain_flags_come_from_the_config_fields():
     from megatron_llama import cli
-    from megatron_llama.model.config import get_preset
+    from megatron_llama.model.presets import get_preset
     from megatron_llama.training.commands import train_config_from_args
     from megatron_llama.training.recipe import TrainConfig, cli_fields
 

@@ -7,12 +7,8 @@ import json
 import pytest
 
 from megatron_llama.errors import ConfigError
-from megatron_llama.model.config import (
-    PRESETS,
-    LlamaConfig,
-    get_preset,
-    to_transformer_config,
-)
+from megatron_llama.model.config import LlamaConfig, to_transformer_config
+from megatron_llama.model.presets import PRESETS, get_preset
 from megatron_llama.parallel import ParallelLayout
 
 PAPER = {  # preset: (exact parameters with V=32000, SwiGLU width, Meta shards)
@@ -40,6 +36,8 @@ def test_paper_recipe_numbers():
     assert get_preset("65b") is PRESETS["65B"]
     with pytest.raises(ConfigError, match="unknown preset"):
         get_preset("70B")
+    assert get_preset("Llama3.1-405B").name == "llama3.1-405b"
+    assert get_preset("llama-65b") is PRESETS["65B"]
 
 
 def test_llama2_ffn_multiplier_and_gqa():
@@ -48,6 +46,70 @@ def test_llama2_ffn_multiplier_and_gqa():
                       ffn_dim_multiplier=1.3, multiple_of=4096, norm_eps=1e-5)
     assert cfg.ffn_hidden_size == 28672
     assert cfg.num_params() == 68_976_648_192  # Llama-2 70B, V=32000
+
+
+FAMILY = {  # preset: (exact parameters, FFN width, KV heads, vocab, rope_theta, context)
+    "llama2-7b": (6_738_415_616, 11008, 32, 32000, 1e4, 4096),
+    "llama2-13b": (13_015_864_320, 13824, 40, 32000, 1e4, 4096),
+    "llama2-70b": (68_976_648_192, 28672, 8, 32000, 1e4, 4096),
+    "codellama-7b": (6_738_546_688, 11008, 32, 32016, 1e6, 16384),
+    "llama3-8b": (8_030_261_248, 14336, 8, 128256, 5e5, 8192),
+    "llama3.1-8b": (8_030_261_248, 14336, 8, 128256, 5e5, 131072),
+    "llama3-70b": (70_553_706_496, 28672, 8, 128256, 5e5, 8192),
+    "llama3.1-70b": (70_553_706_496, 28672, 8, 128256, 5e5, 131072),
+    "llama3.1-405b": (405_853_388_800, 53248, 8, 128256, 5e5, 131072),
+}
+
+# Meta's params.json of each release, as published (the FFN width comes from these fields)
+META_PARAMS = {
+    "llama2-7b": {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32,
+                  "norm_eps": 1e-05, "vocab_size": -1},
+    "llama2-70b": {"dim": 8192, "multiple_of": 4096, "ffn_dim_multiplier": 1.3, "n_heads": 64,
+                   "n_kv_heads": 8, "n_layers": 80, "norm_eps": 1e-05, "vocab_size": -1},
+    "codellama-7b": {"dim": 4096, "n_layers": 32, "n_heads": 32, "multiple_of": 256,
+                     "ffn_dim_multiplier": 1.0, "norm_eps": 1e-5, "rope_theta": 1000000,
+                     "vocab_size": 32016},
+    "llama3-8b": {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8,
+                  "vocab_size": 128256, "multiple_of": 1024, "ffn_dim_multiplier": 1.3,
+                  "norm_eps": 1e-05, "rope_theta": 500000.0},
+    "llama3.1-8b": {"dim": 4096, "ffn_dim_multiplier": 1.3, "multiple_of": 1024, "n_heads": 32,
+                    "n_kv_heads": 8, "n_layers": 32, "norm_eps": 1e-05, "rope_theta": 500000.0,
+                    "use_scaled_rope": True, "vocab_size": 128256},
+    "llama3.1-405b": {"dim": 16384, "ffn_dim_multiplier": 1.2, "multiple_of": 4096,
+                      "n_heads": 128, "n_kv_heads": 8, "n_layers": 126, "norm_eps": 1e-05,
+                      "rope_theta": 500000.0, "use_scaled_rope": True, "vocab_size": 128256},
+}
+
+
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_family_presets_exact(name):
+    params, ffn, kv, vocab, theta, context = FAMILY[name]
+    m = get_preset(name).model
+    assert m.num_params() == params
+    assert (m.ffn_hidden_size, m.num_kv_heads, m.vocab_size) == (ffn, kv, vocab)
+    assert (m.rope_theta, m.max_seq_len, m.norm_eps) == (theta, context, 1e-5)
+    assert m.use_scaled_rope == name.startswith("llama3.1")
+    assert get_preset(name).tokenizer == ("tiktoken" if name.startswith("llama3") else
+                                          "sentencepiece")
+
+
+@pytest.mark.parametrize("name", list(META_PARAMS))
+def test_meta_params_json_of_every_generation(tmp_path, name):
+    """Each release's params.json gives its preset's architecture; writing gives the file back."""
+    from megatron_llama.model.presets import published_context
+
+    path = tmp_path / "params.json"
+    path.write_text(json.dumps(META_PARAMS[name]))
+    cfg = LlamaConfig.from_params_json(str(path), vocab_size=32000)
+    preset = get_preset(name).model
+    assert cfg.architecture() == preset.architecture()
+    assert cfg.num_params() == preset.num_params()
+    assert published_context(cfg) == preset.max_seq_len
+    written = preset.to_params_json(context_default=published_context(preset))
+    assert written == META_PARAMS[name]  # no max_seq_len: Meta's loaders reject it
+    # our checkpoints' metadata keeps every field, context included
+    full = preset.to_params_json(meta_style=False)
+    assert LlamaConfig.from_dict(full) == preset
 
 
 def test_params_json_round_trip(tmp_path):
@@ -73,6 +135,18 @@ def test_params_json_round_trip(tmp_path):
     ('{"dim": 64, "n_layers": 2, "n_heads": 0, "vocab_size": 10}', "n_heads=0 must be a positive"),
     ('{"dim": "64", "n_layers": 2, "n_heads": 4, "vocab_size": 10}', "dim='64' must be a positive"),
     ('[1, 2]', "expected a JSON object, found list"),
+    ('{"dim": 64, "n_layers": 2, "n_heads": 4, "vocab_size": 10, "moe_experts": 8}',
+     "unknown field 'moe_experts'"),
+    ('{"dim": 64, "n_layers": 2, "n_heads": 4, "vocab_size": 10, "use_scaled_rope": "yes"}',
+     "use_scaled_rope='yes' must be true or false"),
+    ('{"dim": 64, "n_layers": 2, "n_heads": 4, "vocab_size": 10, "rope_theta": 0}',
+     "rope_theta=0 must be a positive number"),
+    ('{"dim": 64, "n_layers": 2, "n_heads": 4, "vocab_size": 10, "ffn_dim_multiplier": "1.3"}',
+     "ffn_dim_multiplier='1.3' must be a positive number"),
+    ('{"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 3, "vocab_size": 10}',
+     "n_heads=4 is not divisible by n_kv_heads=3"),
+    ('{"dim": 64, "n_layers": 2, "n_heads": 4, "vocab_size": 10, "norm_eps": null}',
+     "norm_eps=None must be a positive number"),
 ])
 def test_params_json_errors_are_one_line(tmp_path, content, message):
     path = tmp_path / "params.json"

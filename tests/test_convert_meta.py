@@ -104,7 +104,11 @@ class Evil:
     ("extra", "consolidated.01.pth: unexpected tensor.*extra.weight"),
     ("shape", "consolidated.00.pth: layers.0.attention.wq.weight has shape .64, 127."),
     ("shards", "shard count 2 does not match these sizes"),
-    ("params", "params.json and the weights disagree|has shape"),
+    ("params", "params.json: n_layers is 3, but .*consolidated.00.pth holds 2 layers"),
+    ("vocab", "params.json: vocab_size gives 100, but the weights have 96 .output.weight rows"),
+    ("kv", "params.json: n_kv_heads gives 2, but the weights have 8 .layers.0.attention.wk"),
+    ("ffn", "params.json: multiple_of / ffn_dim_multiplier gives 448, but the weights have 352"),
+    ("field", "params.json: unknown field 'moe'"),
     ("truncated", "consolidated.01.pth: truncated or corrupt"),
     ("pickle", "consolidated.00.pth: refused: the file is not a plain tensor checkpoint"),
     ("gap", "are not consolidated.00 .. 01"),
@@ -124,6 +128,10 @@ def test_bad_inputs_refused_before_writing(tmp_path, case, message):
         elif case == "params":
             json.dump({"dim": 128, "n_layers": 3, "n_heads": 8, "multiple_of": 32,
                        "norm_eps": 1e-6, "vocab_size": -1}, open(os.path.join(d, "params.json"), "w"))
+        elif case in ("vocab", "kv", "ffn", "field"):
+            changed = {"vocab": {"vocab_size": 100}, "kv": {"n_kv_heads": 2},
+                       "ffn": {"ffn_dim_multiplier": 1.3}, "field": {"moe": 1}}[case]
+            json.dump(CFG.to_params_json() | changed, open(os.path.join(d, "params.json"), "w"))
         elif case == "truncated":
             path = os.path.join(d, "consolidated.01.pth")
             data = open(path, "rb").read()

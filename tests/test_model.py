@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_llama.model.config import PRESETS, to_transformer_config
+from megatron_llama.model.config import to_transformer_config
+from megatron_llama.model.presets import PRESETS
 from megatron_llama.parallel import ParallelLayout
 from tests.llama_testing import (
     TINY,

@@ -127,7 +127,7 @@ def test_outputs_respect_the_umask(tokenizer, tmp_path):
 
 
 def test_memory_is_checked_before_anything_starts():
-    from megatron_llama.model.config import get_preset
+    from megatron_llama.model.presets import get_preset
     from megatron_llama.parallel import ParallelLayout
     from megatron_llama.training import memory
     from megatron_llama.training.recipe import TrainConfig
@@ -157,7 +157,7 @@ def test_memory_is_checked_before_anything_starts():
 
 
 def test_short_runs_warn_about_the_warmup(capsys):
-    from megatron_llama.model.config import get_preset
+    from megatron_llama.model.presets import get_preset
     from megatron_llama.training.loop import preflight
     from megatron_llama.training.recipe import TrainConfig
 
@@ -197,7 +197,7 @@ def test_sbatch_never_overwrites_or_invents_folders(tmp_path, capsys):
 def test_65b_preset_explains_how_it_differs_from_the_planners_best():
     from megatron_llama.bench.planner import GPUS, PlanLayout, evaluate, plan
     from megatron_llama.launch.slurm import TEMPLATE_DIR
-    from megatron_llama.model.config import get_preset
+    from megatron_llama.model.presets import get_preset
 
     cfg = get_preset("65B").model
     gpu = GPUS["a100-80gb"]

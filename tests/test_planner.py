@@ -18,7 +18,8 @@ from megatron_llama.bench.planner import (
     stage_params,
 )
 from megatron_llama.errors import ConfigError
-from megatron_llama.model.config import PRESETS, LlamaConfig
+from megatron_llama.model.config import LlamaConfig
+from megatron_llama.model.presets import PRESETS
 
 A100 = GPUS["a100-80gb"]
 # Paper, Table 15: (GPU-hours, MWh, tCO2eq)

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from megatron_llama.model.config import PRESETS
+from megatron_llama.model.presets import PRESETS
 from megatron_llama.training.engines.megatron_core import build_scheduler
 from megatron_llama.training.metrics import flops_per_token, gpu_peak_tflops
 from megatron_llama.training.recipe import TrainConfig, lr_at

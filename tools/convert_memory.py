@@ -36,7 +36,7 @@ def make_synthetic_meta(directory: str, layers: int | None) -> None:
 
     from megatron_llama.convert.tensorio import TorchFileWriter
     from megatron_llama.model.canonical import full_shape, meta_keys
-    from megatron_llama.model.config import get_preset
+    from megatron_llama.model.presets import get_preset
 
     cfg = get_preset("7B").model
     if layers:

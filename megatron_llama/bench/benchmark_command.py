@@ -10,7 +10,7 @@ from typing import Optional
 
 from megatron_llama.errors import ConfigError, require
 from megatron_llama.fileio import atomic_write, write_figure
-from megatron_llama.model.config import get_preset
+from megatron_llama.model.presets import get_preset
 from megatron_llama.parallel import ParallelLayout
 
 CSV_FIELDS = ("label", "tp", "sp", "pp", "vp", "dp", "world", "micro_batch", "global_batch",

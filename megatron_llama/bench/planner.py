@@ -20,7 +20,8 @@ import itertools
 from dataclasses import dataclass, field
 
 from megatron_llama.errors import ConfigError
-from megatron_llama.model.config import LlamaConfig, get_preset
+from megatron_llama.model.config import LlamaConfig
+from megatron_llama.model.presets import get_preset
 from megatron_llama.training.memory import (  # noqa: F401
     Memory,
     PlanLayout,

@@ -18,6 +18,7 @@ import torch
 
 from megatron_llama.convert.source import WeightSource
 from megatron_llama.convert.tensorio import SafetensorsFile, SafetensorsWriter
+from megatron_llama.data.tiktoken_bpe import LLAMA3_BOS_ID, LLAMA3_EOS_ID
 from megatron_llama.errors import ConfigError, read_json_object
 from megatron_llama.fileio import write_json
 from megatron_llama.model.canonical import (
@@ -27,7 +28,13 @@ from megatron_llama.model.canonical import (
     rope_to_half_split,
     rope_to_interleaved,
 )
-from megatron_llama.model.config import LlamaConfig
+from megatron_llama.model.config import (
+    ROPE_HIGH_FREQ_FACTOR,
+    ROPE_LOW_FREQ_FACTOR,
+    ROPE_ORIGINAL_CONTEXT,
+    LlamaConfig,
+)
+from megatron_llama.model.presets import preset_of
 
 LAYER_NAMES = {"attention.wq.weight": "self_attn.q_proj.weight",
                "attention.wk.weight": "self_attn.k_proj.weight",
@@ -68,7 +75,52 @@ def from_hf(meta_name: str, tensor: torch.Tensor, cfg: LlamaConfig) -> torch.Ten
     return _permute_qk(meta_name, tensor, cfg, rope_to_interleaved)
 
 
-def hf_config(cfg: LlamaConfig, dtype: torch.dtype) -> dict:
+def hf_rope_scaling(cfg: LlamaConfig) -> Optional[dict]:
+    """Llama 3.1's RoPE scaling as transformers names it (None without scaling)."""
+    if not cfg.use_scaled_rope:
+        return None
+    return {"rope_type": "llama3", "factor": float(cfg.rope_scaling_factor),
+            "low_freq_factor": ROPE_LOW_FREQ_FACTOR, "high_freq_factor": ROPE_HIGH_FREQ_FACTOR,
+            "original_max_position_embeddings": ROPE_ORIGINAL_CONTEXT}
+
+
+def _rope_scaling_from_hf(path: str, scaling) -> tuple[bool, float]:
+    """(use_scaled_rope, factor) of config.json's rope_scaling; other schemes refused."""
+    if scaling is None:
+        return False, 8.0
+    if not isinstance(scaling, dict):
+        raise ConfigError(f"{path}: rope_scaling must be an object or null")
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind != "llama3":
+        raise ConfigError(f"{path}: rope_scaling type {kind!r} is not supported (only Llama "
+                          "3.1's 'llama3')")
+    fixed = {"low_freq_factor": ROPE_LOW_FREQ_FACTOR, "high_freq_factor": ROPE_HIGH_FREQ_FACTOR,
+             "original_max_position_embeddings": ROPE_ORIGINAL_CONTEXT}
+    for key, value in fixed.items():
+        if scaling.get(key, value) != value:
+            raise ConfigError(f"{path}: rope_scaling.{key}={scaling[key]} differs from Llama "
+                              f"3.1's {value:g}, which megatron-core's scaling fixes")
+    factor = scaling.get("factor")
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor < 1:
+        raise ConfigError(f"{path}: rope_scaling.factor={factor!r} must be a number >= 1")
+    return True, float(factor)
+
+
+def special_ids(cfg: LlamaConfig, tokenizer_path: Optional[str]) -> tuple[int, int]:
+    """(bos, eos) of the model's generation: from its tokenizer file when there is one, else
+    from the release with this architecture (Llama 3.x: 128000/128001), else LLaMA's 1/2."""
+    if tokenizer_path:
+        from megatron_llama.data.tokenizer import Tokenizer
+
+        tok = Tokenizer(tokenizer_path)
+        return tok.bos_id, tok.eos_id
+    preset = preset_of(cfg)
+    if preset is not None and preset.tokenizer == "tiktoken":
+        return LLAMA3_BOS_ID, LLAMA3_EOS_ID
+    return 1, 2
+
+
+def hf_config(cfg: LlamaConfig, dtype: torch.dtype, bos_eos: tuple[int, int] = (1, 2)) -> dict:
     """config.json for transformers' LlamaForCausalLM."""
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
             "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_hidden_size,
@@ -77,7 +129,8 @@ def hf_config(cfg: LlamaConfig, dtype: torch.dtype) -> dict:
             "rms_norm_eps": cfg.norm_eps, "vocab_size": cfg.vocab_size,
             "max_position_embeddings": cfg.max_seq_len, "rope_theta": cfg.rope_theta,
             "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-            "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+            "rope_scaling": hf_rope_scaling(cfg),
+            "tie_word_embeddings": False, "bos_token_id": bos_eos[0], "eos_token_id": bos_eos[1],
             "torch_dtype": DTYPE_NAMES[dtype], "initializer_range": 0.02, "use_cache": True,
             # Meta's FFN rounding cannot be recovered from intermediate_size alone:
             "megatron_llama": {"multiple_of": cfg.multiple_of,
@@ -99,16 +152,21 @@ def config_from_hf(path: str) -> LlamaConfig:
     # Our exports keep Meta's rounding; for others, rounding up to intermediate_size itself
     # reproduces it whenever it is at least int(8 * dim / 3) (every LLaMA).
     multiple_of = extra.get("multiple_of") or raw["intermediate_size"]
-    cfg = LlamaConfig(dim=raw["hidden_size"], n_layers=raw["num_hidden_layers"],
-                      n_heads=raw["num_attention_heads"],
-                      n_kv_heads=(raw.get("num_key_value_heads")
-                                  if raw.get("num_key_value_heads") != raw["num_attention_heads"]
-                                  else None),
-                      vocab_size=raw["vocab_size"], multiple_of=multiple_of,
-                      ffn_dim_multiplier=extra.get("ffn_dim_multiplier"),
-                      norm_eps=raw["rms_norm_eps"],
-                      max_seq_len=raw.get("max_position_embeddings", 2048),
-                      rope_theta=float(raw.get("rope_theta", 10000.0)))
+    scaled, factor = _rope_scaling_from_hf(path, raw.get("rope_scaling"))
+    try:
+        cfg = LlamaConfig(dim=raw["hidden_size"], n_layers=raw["num_hidden_layers"],
+                          n_heads=raw["num_attention_heads"],
+                          n_kv_heads=(raw.get("num_key_value_heads")
+                                      if raw.get("num_key_value_heads") != raw["num_attention_heads"]
+                                      else None),
+                          vocab_size=raw["vocab_size"], multiple_of=multiple_of,
+                          ffn_dim_multiplier=extra.get("ffn_dim_multiplier"),
+                          norm_eps=raw["rms_norm_eps"],
+                          max_seq_len=raw.get("max_position_embeddings", 2048),
+                          rope_theta=float(raw.get("rope_theta", 10000.0)),
+                          use_scaled_rope=scaled, rope_scaling_factor=factor)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     if cfg.ffn_hidden_size != raw["intermediate_size"]:
         raise ConfigError(f"{path}: intermediate_size {raw['intermediate_size']} does not follow "
                           "LLaMA's FFN rule for this width")
@@ -160,7 +218,8 @@ def write_hf(output: str, source: WeightSource, *, dtype: Optional[torch.dtype] 
             total_bytes = sum(os.path.getsize(os.path.join(tmp, f)) for f in names)
             write_json({"metadata": {"total_size": total_bytes}, "weight_map": weight_map},
                        os.path.join(tmp, "model.safetensors.index.json"))
-        write_json(hf_config(cfg, dtype), os.path.join(tmp, "config.json"))
+        write_json(hf_config(cfg, dtype, special_ids(cfg, source.tokenizer)),
+                   os.path.join(tmp, "config.json"))
         if source.tokenizer:  # tokenizer.json etc.: AutoTokenizer encodes as SentencePiece
             from megatron_llama.convert.hf_tokenizer import write_hf_tokenizer_files
 

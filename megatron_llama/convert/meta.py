@@ -26,7 +26,7 @@ import torch
 
 from megatron_llama.convert.source import WeightSource
 from megatron_llama.convert.tensorio import TorchFileWriter, release_pages
-from megatron_llama.errors import ConfigError
+from megatron_llama.errors import ConfigError, read_json_object
 from megatron_llama.fileio import staged_directory
 from megatron_llama.model.canonical import (
     full_shape,
@@ -36,6 +36,7 @@ from megatron_llama.model.canonical import (
     split_dim,
 )
 from megatron_llama.model.config import LlamaConfig
+from megatron_llama.model.presets import published_context
 
 SHARD_RE = re.compile(r"^consolidated\.(\d{2})\.pth$")
 
@@ -86,8 +87,12 @@ class MetaCheckpoint(WeightSource):
         emb = first.get("tok_embeddings.weight")
         if emb is None:
             raise ConfigError(f"{self.paths[0]}: missing tok_embeddings.weight")
-        self.config = LlamaConfig.from_params_json(params, vocab_size=emb.shape[0])
+        raw = read_json_object(params)
+        self.config = LlamaConfig.from_dict(raw, vocab_size=emb.shape[0], source=params)
+        if "max_seq_len" not in raw:  # Meta's files do not say: the release's context
+            self.config.max_seq_len = published_context(self.config) or 2048
         self.dtype = emb.dtype
+        self.params_path = params
         tokenizer = os.path.join(directory, "tokenizer.model")
         self.tokenizer = tokenizer if os.path.isfile(tokenizer) else None
         self._validate()
@@ -102,6 +107,7 @@ class MetaCheckpoint(WeightSource):
         if cfg.n_heads % n or cfg.num_kv_heads % n:
             raise ConfigError(f"{self.directory}: {n} shards cannot split {cfg.n_heads} heads "
                               f"/ {cfg.num_kv_heads} KV heads")
+        self._check_fields_against_tensors()
         wanted = set(meta_keys(cfg))
         for path, sd in zip(self.paths, self.shards):
             keys = {k for k in sd if not k.endswith("rope.freqs")}
@@ -122,6 +128,38 @@ class MetaCheckpoint(WeightSource):
                                       f"implies {expect}{hint}")
                 if t.dtype != self.dtype:
                     raise ConfigError(f"{path}: {key} is {t.dtype}, other tensors {self.dtype}")
+
+    def _check_fields_against_tensors(self) -> None:
+        """params.json fields that disagree with the first shard's tensors, in one line
+        naming params.json and the field (before the generic shape check names a tensor)."""
+        cfg, n, sd = self.config, self.num_shards, self.shards[0]
+        hd = cfg.head_dim
+
+        def rows(name: str, dim: int = 0) -> Optional[int]:
+            t = sd.get(name)
+            if t is None or t.dim() != 2:
+                return None
+            return t.shape[dim] * (n if split_dim(name) == dim else 1)
+
+        checks = [
+            ("vocab_size", cfg.vocab_size, rows("output.weight"), "output.weight rows"),
+            ("dim", cfg.dim, rows("tok_embeddings.weight", 1), "tok_embeddings.weight columns"),
+            ("n_kv_heads", cfg.num_kv_heads * hd, rows("layers.0.attention.wk.weight"),
+             f"layers.0.attention.wk.weight rows (n_kv_heads x head_dim {hd})"),
+            ("multiple_of / ffn_dim_multiplier", cfg.ffn_hidden_size,
+             rows("layers.0.feed_forward.w1.weight"), "layers.0.feed_forward.w1.weight rows"),
+        ]
+        for field, implied, actual, what in checks:
+            if actual is not None and actual != implied and not (n > 1 and actual == n * implied):
+                # (n x the full size: full tensors in every file, the shard check says so)
+                got = actual // hd if field == "n_kv_heads" and actual % hd == 0 else actual
+                want = cfg.num_kv_heads if field == "n_kv_heads" else implied
+                raise ConfigError(f"{self.params_path}: {field} gives {want}, but the "
+                                  f"weights have {got} ({what})")
+        layers = sum(1 for k in sd if k.endswith(".attention.wq.weight"))
+        if layers != cfg.n_layers:
+            raise ConfigError(f"{self.params_path}: n_layers is {cfg.n_layers}, but "
+                              f"{self.paths[0]} holds {layers} layers")
 
     def tensor(self, name: str) -> torch.Tensor:
         """The full tensor ``name`` (concatenated over shards when Meta splits it)."""
@@ -179,7 +217,8 @@ def write_meta(output: str, source: WeightSource, shards: int,
                                                      layer_index(keys[i + 1]) != layer_index(key)):
                     bar.update(1)
             writer.close()
-        cfg.to_params_json(os.path.join(tmp, "params.json"))
+        cfg.to_params_json(os.path.join(tmp, "params.json"),
+                           context_default=published_context(cfg) or 2048)
         if source.tokenizer:
             shutil.copyfile(source.tokenizer, os.path.join(tmp, "tokenizer.model"))
     return output

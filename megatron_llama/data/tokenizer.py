@@ -1,10 +1,11 @@
-"""SentencePiece BPE tokenizer: training with the paper's settings, and loading any model.
+"""Tokenizers: SentencePiece BPE trained with the paper's settings, and loading any model.
 
 The paper (section 2.1): byte-pair encoding with SentencePiece, all numbers split into
 single digits, unknown UTF-8 characters decomposed into bytes. We also keep the text as is
 (identity normalisation, no whitespace collapsing) so decode(encode(text)) == text, and use
 LLaMA's special ids: unk=0, bos=1, eos=2, no pad. Meta's released ``tokenizer.model`` is a
-SentencePiece model too and loads through the same `Tokenizer` class.
+SentencePiece model too. `Tokenizer(path)` also loads Llama 3's tiktoken rank file
+(`tiktoken_bpe`), detected from the file's content; both kinds share one interface.
 """
 
 from __future__ import annotations
@@ -23,20 +24,35 @@ from megatron_llama.errors import ConfigError
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 
 
-class Tokenizer:
+def Tokenizer(model_path: str):  # noqa: N802 - reads like the class it returns
+    """The tokenizer in ``model_path``, of whichever kind the file is: a SentencePiece model
+    (LLaMA-1, Llama 2, Code Llama, our own) or a tiktoken rank file (Llama 3.x)."""
+    from megatron_llama.data.tiktoken_bpe import TiktokenTokenizer, looks_like_rank_file
+
+    if not os.path.isfile(model_path):
+        raise ConfigError(f"{model_path}: tokenizer model not found")
+    try:
+        rank_file = looks_like_rank_file(model_path)
+    except OSError as e:
+        raise ConfigError(f"{model_path}: cannot read the tokenizer ({e.strerror})") from None
+    return TiktokenTokenizer(model_path) if rank_file else SentencePieceTokenizer(model_path)
+
+
+class SentencePieceTokenizer:
     """A SentencePiece model with LLaMA's conventions (bos/eos ids from the model itself)."""
+
+    kind = "sentencepiece"
 
     def __init__(self, model_path: str):
         import sentencepiece as spm
 
-        if not os.path.isfile(model_path):
-            raise ConfigError(f"{model_path}: tokenizer model not found")
         self.model_path = model_path
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.Load(model_path)
         except (OSError, RuntimeError) as e:
-            raise ConfigError(f"{model_path}: not a SentencePiece model ({str(e).splitlines()[0]})") from None
+            raise ConfigError(f"{model_path}: not a SentencePiece model nor a tiktoken rank "
+                              f"file ({str(e).splitlines()[0]})") from None
 
     @property
     def vocab_size(self) -> int:
@@ -57,6 +73,21 @@ class Tokenizer:
     @property
     def pad_id(self) -> int:
         return self.sp.pad_id()
+
+    def special_id(self, name: str) -> Optional[int]:
+        """The id of control piece ``name`` (``<s>``, ``</s>``), None if there is none."""
+        i = self.sp.PieceToId(name)
+        return i if self.sp.IsControl(i) else None
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Ids that end a generated answer."""
+        return [self.eos_id]
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """Control pieces by name (``<s>``, ``</s>``): what a chat template's text may hold."""
+        return {self.sp.IdToPiece(i): i for i in range(self.vocab_size) if self.sp.IsControl(i)}
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         ids = self.sp.EncodeAsIds(text)
@@ -143,6 +174,23 @@ def train_tokenizer(inputs: list[str], output_prefix: str, vocab_size: int = 320
     if progress:
         print(f"trained in {time.perf_counter() - start:.1f} s", flush=True)
     return output_prefix + ".model"
+
+
+def train_tiktoken_tokenizer(inputs: list[str], output: str, vocab_size: int = 128256,
+                             text_key: str = "text", max_sentences: int = 2_000_000,
+                             seed: int = 0, progress: bool = False) -> str:
+    """Train a Llama 3-style tokenizer: a tiktoken rank file of ``vocab_size - 256`` byte-level
+    BPE tokens (256 special tokens follow them), written to ``output``; returns its path."""
+    from megatron_llama.data.tiktoken_bpe import NUM_SPECIAL_TOKENS, train_rank_file
+
+    if vocab_size < 256 + NUM_SPECIAL_TOKENS:
+        raise ConfigError(f"vocab_size={vocab_size} is too small: 256 byte tokens + 256 special "
+                          "tokens are always in a Llama 3 vocabulary")
+    sentences = _training_sentences(inputs, text_key, max_sentences, seed, progress)
+    if progress:
+        print(f"training byte-level BPE ({vocab_size - NUM_SPECIAL_TOKENS} ranks) ...", flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    return train_rank_file(sentences, output, vocab_size - NUM_SPECIAL_TOKENS)
 
 
 def _train_spm(spm, sentences: Iterator[str], prefix: str, vocab_size: int,

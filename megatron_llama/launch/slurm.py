@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from megatron_llama.errors import ConfigError
-from megatron_llama.model.config import get_preset
+from megatron_llama.model.presets import get_preset
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates" / "slurm"
 TEMPLATE = TEMPLATE_DIR / "llama.sbatch"

@@ -43,6 +43,10 @@ def build_model(cfg: LlamaConfig, tconfig, *, backend: Optional[str] = None,
             position_embedding_type="rope",
             rotary_percent=1.0,
             rotary_base=int(cfg.rope_theta),
+            # Llama 3.1: megatron-core's own scaling is Meta's, with low/high frequency
+            # factors 1/4 and an original context of 8192 fixed as in Meta's code.
+            rope_scaling=cfg.use_scaled_rope,
+            rope_scaling_factor=cfg.rope_scaling_factor,
             vp_stage=stage,
         )
         chunks.append(model)

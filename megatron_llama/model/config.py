@@ -1,11 +1,11 @@
-"""LLaMA model configuration with Meta's field names, the paper's presets, and exact counts.
+"""LLaMA model configuration with Meta's field names, exact counts, the megatron-core mapping.
 
-`LlamaConfig` mirrors Meta's ``params.json`` (LLaMA-1, plus Llama-2's ``n_kv_heads`` and
-``ffn_dim_multiplier``). `PRESETS` holds the paper's Table 2 models with their training
-defaults. `to_transformer_config` is the one place where a `LlamaConfig` becomes a
-megatron-core `TransformerConfig`.
+`LlamaConfig` mirrors Meta's ``params.json`` of every generation (LLaMA-1; Llama 2's
+``n_kv_heads`` and ``ffn_dim_multiplier``; Code Llama's ``rope_theta``; Llama 3.1's
+``use_scaled_rope``). The named models live in `presets`. `to_transformer_config` is the one
+place where a `LlamaConfig` becomes a megatron-core `TransformerConfig`.
 
-Nothing here allocates weights: parameter counts are computed from the shapes, so the 65B
+Nothing here allocates weights: parameter counts are computed from the shapes, so the 405B
 preset can be inspected on a laptop.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
 from megatron_llama.errors import ConfigError, read_json_object
@@ -36,12 +36,31 @@ class Layout(Protocol):
 MAKE_VOCAB_SIZE_DIVISIBLE_BY = 32
 
 
+# Llama 3.1's RoPE scaling constants besides the factor: Meta's code fixes them, and so does
+# megatron-core's RotaryEmbedding (docs/llama-family.md, "RoPE scaling").
+ROPE_LOW_FREQ_FACTOR = 1.0
+ROPE_HIGH_FREQ_FACTOR = 4.0
+ROPE_ORIGINAL_CONTEXT = 8192
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
 @dataclass
 class LlamaConfig:
-    """Model hyper-parameters, named exactly like Meta's ``params.json``.
+    """Model hyper-parameters, named exactly like Meta's ``params.json`` (every generation).
 
-    ``n_kv_heads=None`` means multi-head attention (LLaMA-1); Llama-2 70B sets it to 8 (GQA).
-    ``max_seq_len`` and ``rope_theta`` are not in LLaMA-1's params.json; defaults are the paper's.
+    ``n_kv_heads=None`` means multi-head attention (LLaMA-1, Llama 2 7B/13B); Llama 2 70B and
+    Llama 3 set it to 8 (GQA). ``ffn_dim_multiplier`` and ``multiple_of`` fix the SwiGLU
+    width (`ffn_hidden_size`). ``use_scaled_rope`` is Llama 3.1's RoPE scaling, with
+    ``rope_scaling_factor`` (8 in every 3.1 release). ``max_seq_len`` is not in Meta's files:
+    their reader takes the published context of the release with this architecture
+    (`presets.published_context`), else 2048.
     """
 
     dim: int = 4096
@@ -54,17 +73,27 @@ class LlamaConfig:
     norm_eps: float = 1e-6
     max_seq_len: int = 2048
     rope_theta: float = 10000.0
+    use_scaled_rope: bool = False
+    rope_scaling_factor: float = 8.0
 
     def __post_init__(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "multiple_of", "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name}={value!r} must be a positive integer")
-        if self.n_kv_heads is not None and (not isinstance(self.n_kv_heads, int)
-                                            or self.n_kv_heads <= 0):
+            if not _positive_int(getattr(self, name)):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be a positive integer")
+        if self.n_kv_heads is not None and not _positive_int(self.n_kv_heads):
             raise ConfigError(f"n_kv_heads={self.n_kv_heads!r} must be a positive integer")
-        if not isinstance(self.vocab_size, int):
+        if not isinstance(self.vocab_size, int) or isinstance(self.vocab_size, bool):
             raise ConfigError(f"vocab_size={self.vocab_size!r} must be an integer")
+        for name in ("norm_eps", "rope_theta", "rope_scaling_factor"):
+            if not _positive_number(getattr(self, name)):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be a positive number")
+        if self.ffn_dim_multiplier is not None and not _positive_number(self.ffn_dim_multiplier):
+            raise ConfigError(f"ffn_dim_multiplier={self.ffn_dim_multiplier!r} must be a "
+                              "positive number")
+        if not isinstance(self.use_scaled_rope, bool):
+            raise ConfigError(f"use_scaled_rope={self.use_scaled_rope!r} must be true or false")
+        if self.rope_scaling_factor < 1:
+            raise ConfigError(f"rope_scaling_factor={self.rope_scaling_factor} must be >= 1")
         if self.dim % self.n_heads:
             raise ConfigError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.head_dim % 2:
@@ -99,6 +128,13 @@ class LlamaConfig:
         multiple = MAKE_VOCAB_SIZE_DIVISIBLE_BY * tp
         return multiple * math.ceil(self.vocab_size / multiple)
 
+    def architecture(self) -> tuple:
+        """Everything that fixes the weights and the function they compute, but not the
+        context length (what `presets.published_context` matches on)."""
+        return (self.dim, self.n_layers, self.n_heads, self.num_kv_heads, self.vocab_size,
+                self.ffn_hidden_size, self.norm_eps, float(self.rope_theta),
+                self.use_scaled_rope, self.rope_scaling_factor if self.use_scaled_rope else None)
+
     # ---- exact counts (no allocation) ----------------------------------------------------
     def layer_params(self) -> int:
         """Parameters of one transformer block: attention, SwiGLU MLP and two RMSNorms."""
@@ -108,7 +144,7 @@ class LlamaConfig:
         return attn + mlp + 2 * d
 
     def num_params(self, include_embedding: bool = True) -> int:
-        """Exact parameter count with the unpadded vocabulary (the paper's numbers).
+        """Exact parameter count with the unpadded vocabulary (the papers' numbers).
 
         ``include_embedding=False`` drops the input embedding only (the N in PaLM's MFU);
         the untied output layer is a matmul and stays counted.
@@ -127,84 +163,61 @@ class LlamaConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], vocab_size: Optional[int] = None,
                   source: str = "params") -> "LlamaConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
+        """A config from params.json fields; one line naming ``source`` and the field if a
+        field is missing, unknown or has a value the model cannot have."""
+        names = [f.name for f in dataclasses.fields(cls)]
         missing = [k for k in ("dim", "n_layers", "n_heads") if k not in raw]
         if missing:
             raise ConfigError(f"{source}: missing field(s) {', '.join(missing)}")
-        values = {k: v for k, v in raw.items() if k in names}
+        unknown = sorted(k for k in raw if k not in names)
+        if unknown:
+            raise ConfigError(f"{source}: unknown field {unknown[0]!r} (a newer model "
+                              f"generation?); known fields: {', '.join(names)}")
+        values = dict(raw)
         if values.get("vocab_size", -1) in (-1, None):
             if vocab_size is None:
                 raise ConfigError(f"{source}: vocab_size is -1; the tokenizer's size is needed")
             values["vocab_size"] = vocab_size
         try:
             return cls(**values)
-        except TypeError as e:
-            raise ConfigError(f"{source}: {e}") from None
         except ConfigError as e:  # a value the model cannot have: say which file holds it
             raise ConfigError(f"{source}: {e}") from None
 
-    def to_params_json(self, path: Optional[str] = None, meta_style: bool = True) -> dict:
-        """Meta's params.json fields; Llama-2 fields only when set. Writes atomically if a path is given."""
-        out: dict[str, Any] = {
-            "dim": self.dim, "multiple_of": self.multiple_of, "n_heads": self.n_heads,
-            "n_layers": self.n_layers, "norm_eps": self.norm_eps,
-            "vocab_size": -1 if meta_style and self.vocab_size == 32000 else self.vocab_size,
-        }
-        if self.n_kv_heads is not None:
-            out["n_kv_heads"] = self.n_kv_heads
-        if self.ffn_dim_multiplier is not None:
-            out["ffn_dim_multiplier"] = self.ffn_dim_multiplier
-        if self.max_seq_len != 2048:
-            out["max_seq_len"] = self.max_seq_len
-        if self.rope_theta != 10000.0:
-            out["rope_theta"] = self.rope_theta
+    def to_params_json(self, path: Optional[str] = None, meta_style: bool = True,
+                       context_default: int = 2048) -> dict:
+        """params.json fields; writes atomically if a path is given.
+
+        ``meta_style`` writes what Meta's own files hold: generation-specific fields only when
+        set, ``vocab_size: -1`` for the SentencePiece 32000, and ``max_seq_len`` only when it
+        differs from ``context_default``, the context a reader assumes (Meta's loaders pass
+        it separately and reject it in the file). Otherwise (our checkpoints' metadata) every
+        field is written.
+        """
+        if not meta_style:
+            out = dataclasses.asdict(self)
+        else:
+            out = {"dim": self.dim, "multiple_of": self.multiple_of, "n_heads": self.n_heads,
+                   "n_layers": self.n_layers, "norm_eps": self.norm_eps,
+                   "vocab_size": -1 if self.vocab_size == 32000 else self.vocab_size}
+            if self.n_kv_heads is not None:
+                out["n_kv_heads"] = self.n_kv_heads
+            if self.ffn_dim_multiplier is not None:
+                out["ffn_dim_multiplier"] = self.ffn_dim_multiplier
+            if self.rope_theta != 10000.0:
+                out["rope_theta"] = self.rope_theta
+            if self.use_scaled_rope:
+                out["use_scaled_rope"] = True
+                if self.rope_scaling_factor != 8.0:
+                    out["rope_scaling_factor"] = self.rope_scaling_factor
+            if self.max_seq_len != context_default:
+                out["max_seq_len"] = self.max_seq_len
+            out = dict(sorted(out.items()))
         if path is not None:
-            atomic_write(path, lambda f: json.dump(out, f))
+            atomic_write(path, lambda f: json.dump(out, f, indent=2))
         return out
 
     def replace(self, **changes: Any) -> "LlamaConfig":
         return dataclasses.replace(self, **changes)
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A named model with the paper's training defaults (Table 2) and Meta's shard count."""
-
-    name: str
-    model: LlamaConfig
-    lr: float
-    train_tokens: int
-    batch_tokens: int = 4 * 1024 * 1024  # 4M tokens = 2048 sequences of 2048
-    meta_shards: int = 1
-    paper_gpu_hours: Optional[int] = None  # Table 15
-    notes: str = field(default="", compare=False)
-
-
-PRESETS: dict[str, Preset] = {
-    p.name: p
-    for p in [
-        Preset("tiny", LlamaConfig(dim=256, n_layers=4, n_heads=4, vocab_size=8192,
-                                   multiple_of=32, max_seq_len=256),
-               lr=1e-3, train_tokens=20_000_000, batch_tokens=16 * 256,
-               notes="CPU quickstart and tests"),
-        Preset("7B", LlamaConfig(dim=4096, n_layers=32, n_heads=32),
-               lr=3.0e-4, train_tokens=10**12, meta_shards=1, paper_gpu_hours=82_432),
-        Preset("13B", LlamaConfig(dim=5120, n_layers=40, n_heads=40),
-               lr=3.0e-4, train_tokens=10**12, meta_shards=2, paper_gpu_hours=135_168),
-        Preset("33B", LlamaConfig(dim=6656, n_layers=60, n_heads=52),
-               lr=1.5e-4, train_tokens=14 * 10**11, meta_shards=4, paper_gpu_hours=530_432),
-        Preset("65B", LlamaConfig(dim=8192, n_layers=80, n_heads=64, norm_eps=1e-5),
-               lr=1.5e-4, train_tokens=14 * 10**11, meta_shards=8, paper_gpu_hours=1_022_362),
-    ]
-}
-
-
-def get_preset(name: str) -> Preset:
-    """Look a preset up by name (case-insensitive: '7b' works)."""
-    for key, preset in PRESETS.items():
-        if key.lower() == name.lower():
-            return preset
-    raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
 
 
 def to_transformer_config(

@@ -15,7 +15,8 @@ import typing
 from typing import Any
 
 from megatron_llama.errors import ConfigError
-from megatron_llama.model.config import PRESETS, LlamaConfig, get_preset
+from megatron_llama.model.config import LlamaConfig
+from megatron_llama.model.presets import PRESETS, get_preset
 from megatron_llama.parallel import ParallelLayout
 from megatron_llama.training.recipe import GROUPS, TrainConfig, cli_fields
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from megatron_llama.errors import ConfigError
-from megatron_llama.model.config import LlamaConfig, Preset
+from megatron_llama.model.config import LlamaConfig
+from megatron_llama.model.presets import Preset
 from megatron_llama.parallel import ParallelLayout
 
 ENGINES = ("megatron", "deepspeed")  # implemented in training/engines/
