@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from megatron_llama.errors import ConfigError
 from megatron_llama.model.config import LlamaConfig
@@ -44,8 +44,9 @@ def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
 
 
 def generate_ids(model, cfg: LlamaConfig, prompt_ids: list[int], sampling: Sampling,
-                 eos_id: Optional[int] = None) -> list[int]:
-    """New token ids after ``prompt_ids`` (stops at ``eos_id``), with a KV cache."""
+                 stop_ids: Sequence[int] = ()) -> list[int]:
+    """New token ids after ``prompt_ids``, with a KV cache; stops after the first id in
+    ``stop_ids`` (EOS; Llama 3 also ``<|eot_id|>`` and ``<|eom_id|>``), which is included."""
     import torch
     from megatron.core.inference.contexts import StaticInferenceContext
 
@@ -66,7 +67,7 @@ def generate_ids(model, cfg: LlamaConfig, prompt_ids: list[int], sampling: Sampl
             context.sequence_len_offset += tokens.shape[1]
             next_id = sample_next(logits[0, -1, : cfg.vocab_size].float(), sampling, generator)
             out.append(next_id)
-            if eos_id is not None and next_id == eos_id:
+            if next_id in stop_ids:
                 break
             position = len(prompt_ids) + len(out) - 1
             tokens, positions = torch.tensor([[next_id]]), torch.tensor([[position]])
@@ -127,8 +128,14 @@ def load_model(checkpoint: str, tp: int = 1):
 
 
 def generate_text(checkpoint: str, prompt: str, sampling: Sampling, tp: int = 1,
-                  tokenizer_path: Optional[str] = None) -> str:
-    """The prompt's continuation as text (BOS prepended, stops at EOS)."""
+                  tokenizer_path: Optional[str] = None, chat: bool = False,
+                  system: Optional[str] = None) -> str:
+    """The prompt's continuation as text (BOS prepended, stops at the tokenizer's stop ids).
+
+    ``chat``: ``prompt`` is a user message (after ``system`` if given) in the chat format of
+    the tokenizer's generation (Llama 2 ``[INST]``, Llama 3 headers); returns the answer.
+    """
+    from megatron_llama.data.chat import encode_chat
     from megatron_llama.data.tokenizer import Tokenizer
     from megatron_llama.parallel import destroy
 
@@ -141,8 +148,14 @@ def generate_text(checkpoint: str, prompt: str, sampling: Sampling, tp: int = 1,
         tok = given or Tokenizer(path)
         if tok.vocab_size != cfg.vocab_size:
             raise ConfigError(f"{path}: {tok.vocab_size} pieces, model vocab {cfg.vocab_size}")
-        ids = generate_ids(model, cfg, tok.encode(prompt, bos=True), sampling, tok.eos_id)
-        return tok.decode([i for i in ids if i != tok.eos_id])
+        if chat:
+            messages = ([{"role": "system", "content": system}] if system else [])
+            prompt_ids = encode_chat(tok, messages + [{"role": "user", "content": prompt}])
+        else:
+            prompt_ids = tok.encode(prompt, bos=True)
+        stops = tok.stop_ids
+        ids = generate_ids(model, cfg, prompt_ids, sampling, stops)
+        return tok.decode([i for i in ids if i not in stops])
     finally:
         destroy()
 
@@ -169,10 +182,12 @@ def cmd_generate(args) -> int:
         return run_cli_ranks(args.tp, sys.argv[1:], drop_flag=None)
     sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_p=args.top_p, seed=args.seed)
+    if args.system and not args.chat:
+        raise ConfigError("--system is part of a chat prompt: give --chat too")
     text = generate_text(args.checkpoint, args.prompt, sampling, tp=args.tp,
-                         tokenizer_path=args.tokenizer)
+                         tokenizer_path=args.tokenizer, chat=args.chat, system=args.system)
     if int(os.environ.get("RANK", 0)) == 0:
-        print(args.prompt + text)
+        print(text if args.chat else args.prompt + text)
     return 0
 
 
@@ -182,7 +197,9 @@ def add_command(subparsers) -> None:
         "generate", help="sample text from a Meta, Hugging Face or Megatron checkpoint",
         description="Continue --prompt with a KV-cached megatron-core model loaded from a Meta "
         "or Hugging Face directory or a `pretrain` checkpoint: greedy (--temperature 0, default) or "
-        "temperature + top-p sampling. --tp 2 runs on 2 local processes.")
+        "temperature + top-p sampling. Stops at the tokenizer's end tokens (EOS; Llama 3 also "
+        "<|eot_id|>). --chat sends --prompt as a user message in the chat format of the "
+        "checkpoint's generation. --tp 2 runs on 2 local processes.")
     gen.add_argument("--checkpoint", required=True,
                      help="Meta or Hugging Face directory, or a checkpoint root")
     gen.add_argument("--prompt", required=True, help="text to continue")
@@ -193,5 +210,11 @@ def add_command(subparsers) -> None:
     gen.add_argument("--top-p", type=float, default=0.9, help="nucleus mass when sampling (0.9)")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
     gen.add_argument("--tokenizer", default=None,
-                     help="SentencePiece model (default: the checkpoint's tokenizer.model)")
+                     help="tokenizer.model, SentencePiece or tiktoken (default: the "
+                          "checkpoint's own)")
+    gen.add_argument("--chat", action="store_true",
+                     help="--prompt is a user turn in the generation's chat format (Llama 2 "
+                          "[INST] ... [/INST], Llama 3 header/eot tokens); prints the answer")
+    gen.add_argument("--system", default=None,
+                     help="with --chat: a system message before the user's")
     gen.set_defaults(func=cmd_generate)

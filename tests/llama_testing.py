@@ -21,6 +21,11 @@ TINY = LlamaConfig(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=128,
                    multiple_of=16, max_seq_len=32)
 TINY_MHA = LlamaConfig(dim=64, n_layers=2, n_heads=4, vocab_size=96, multiple_of=16,
                        max_seq_len=32, rope_theta=500.0)
+# Llama 3.1 in miniature: GQA, theta 500000 and scaled RoPE. With head_dim 16 its eight
+# wavelengths span 6 to 6e5 positions: some kept, one interpolated, three divided by 8.
+TINY_LLAMA31 = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=1, vocab_size=160,
+                           multiple_of=32, ffn_dim_multiplier=1.3, max_seq_len=48,
+                           rope_theta=500000.0, use_scaled_rope=True, norm_eps=1e-5)
 
 
 def random_meta_weights(cfg: LlamaConfig, seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -37,10 +42,33 @@ def _rms_norm(x, weight, eps):
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
 
 
-def _rotate_adjacent_pairs(x, theta):
-    """x [b, s, heads, hd]: rotate pair (2i, 2i+1) at position p by p * theta^(-2i/hd)."""
+def rope_frequencies(cfg: LlamaConfig) -> torch.Tensor:
+    """[hd/2] float64: theta^(-2i/hd), with Llama 3.1's long-context scaling when the config
+    asks for it. Written from the Llama 3 paper's description: wavelengths (2 pi / f) shorter
+    than original_context / high_factor (8192 / 4) are kept, longer than original_context /
+    low_factor (8192 / 1) are divided by the factor (8), and in between the frequency is
+    interpolated linearly in original_context / wavelength between f / factor and f."""
+    hd = cfg.head_dim
+    freqs = cfg.rope_theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    if not cfg.use_scaled_rope:
+        return freqs
+    factor, low, high, original = cfg.rope_scaling_factor, 1.0, 4.0, 8192.0
+    out = []
+    for f in freqs.tolist():
+        wavelength = 2 * math.pi / f
+        if wavelength < original / high:
+            out.append(f)
+        elif wavelength > original / low:
+            out.append(f / factor)
+        else:
+            t = (original / wavelength - low) / (high - low)  # 0 at the long end, 1 at the short
+            out.append((1 - t) * f / factor + t * f)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def _rotate_adjacent_pairs(x, inv_freq):
+    """x [b, s, heads, hd]: rotate pair (2i, 2i+1) at position p by p * inv_freq[i]."""
     b, s, h, hd = x.shape
-    inv_freq = theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
     angles = torch.arange(s, dtype=torch.float64)[:, None] * inv_freq[None, :]  # [s, hd/2]
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     even, odd = x[..., 0::2], x[..., 1::2]
@@ -58,13 +86,14 @@ def reference_logits(weights: dict[str, torch.Tensor], cfg: LlamaConfig,
     hd, nh, nkv = cfg.head_dim, cfg.n_heads, cfg.num_kv_heads
     h = weights["tok_embeddings.weight"][tokens]
     causal = torch.full((s, s), float("-inf")).triu(1)
+    inv_freq = rope_frequencies(cfg)
     for i in range(cfg.n_layers):
         p = f"layers.{i}."
         x = _rms_norm(h, weights[p + "attention_norm.weight"], cfg.norm_eps)
         q = (x @ weights[p + "attention.wq.weight"].T).view(b, s, nh, hd)
         k = (x @ weights[p + "attention.wk.weight"].T).view(b, s, nkv, hd)
         v = (x @ weights[p + "attention.wv.weight"].T).view(b, s, nkv, hd)
-        q, k = _rotate_adjacent_pairs(q, cfg.rope_theta), _rotate_adjacent_pairs(k, cfg.rope_theta)
+        q, k = _rotate_adjacent_pairs(q, inv_freq), _rotate_adjacent_pairs(k, inv_freq)
         k = k.repeat_interleave(nh // nkv, dim=2)
         v = v.repeat_interleave(nh // nkv, dim=2)
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd) + causal

@@ -140,3 +140,38 @@ def test_generate_refuses_more_ranks_than_the_host_has(capsys):
     assert err == (f"megatron-llama generate: error: --tp 64: this CPU host has "
                    f"{os.cpu_count()} core(s); at most --tp {os.cpu_count()} (one process per "
                    "core)\n")
+
+
+def test_llama3_chat_generation_stops_at_eot(megatron_single, tmp_path):
+    """A Llama 3-style checkpoint (tiktoken tokenizer.model): --chat renders the header/eot
+    format and greedy decoding stops at <|eot_id|>, as the cache-free reference does."""
+    from megatron_llama.data.chat import encode_chat
+    from megatron_llama.data.tiktoken_bpe import write_rank_file
+    from megatron_llama.data.tokenizer import Tokenizer
+    from megatron_llama.generate import generate_text
+
+    weights = random_meta_weights(CFG, seed=7)
+    directory = write_by_hand(str(tmp_path / "meta"), CFG, weights, 1)
+    # 256 byte ranks + 256 specials = CFG's 512-token vocabulary
+    write_rank_file(os.path.join(directory, "tokenizer.model"), [bytes([b]) for b in range(256)])
+    tok = Tokenizer(os.path.join(directory, "tokenizer.model"))
+    eot = tok.special_id("<|eot_id|>")
+    prompt = encode_chat(tok, [{"role": "user", "content": "Name a camelid."}])
+    assert prompt[0] == tok.bos_id  # ... assistant<|end_header_id|>\n\n (bytes only: no merges)
+    assert prompt[-3:] == [tok.special_id("<|end_header_id|>"), 10, 10]
+    # make <|eot_id|> the likeliest token after a few steps: its output row copies the row of
+    # the token greedy decoding picks third, scaled up
+    ids = list(prompt)
+    for _ in range(3):
+        ids.append(int(torch.argmax(reference_logits(weights, CFG, torch.tensor([ids]))[0, -1])))
+    weights["output.weight"][eot] = 1.5 * weights["output.weight"][ids[-1]]
+    write_by_hand(directory, CFG, weights, 1)
+    expected, ids = [], list(prompt)
+    while len(expected) < 16:
+        expected.append(int(torch.argmax(reference_logits(weights, CFG, torch.tensor([ids]))[0, -1])))
+        ids.append(expected[-1])
+        if expected[-1] in tok.stop_ids:
+            break
+    assert expected[-1] == eot and len(expected) < 16  # the stop is reached, so it is tested
+    text = generate_text(directory, "Name a camelid.", Sampling(max_new_tokens=16), chat=True)
+    assert text == tok.decode(expected[:-1])

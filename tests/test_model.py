@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -10,11 +12,13 @@ from megatron_llama.model.presets import PRESETS
 from megatron_llama.parallel import ParallelLayout
 from tests.llama_testing import (
     TINY,
+    TINY_LLAMA31,
     TINY_MHA,
     random_batches,
     random_meta_weights,
     reference_logits,
     rel_err,
+    rope_frequencies,
 )
 
 
@@ -50,10 +54,11 @@ def test_built_model_has_counted_parameters(single, cfg):
     assert sum(p.numel() for p in model.parameters()) == cfg.num_params()
 
 
-@pytest.mark.parametrize("cfg", [TINY, TINY_MHA], ids=["gqa", "mha-theta500"])
+@pytest.mark.parametrize("cfg", [TINY, TINY_MHA, TINY_LLAMA31],
+                         ids=["gqa", "mha-theta500", "llama3.1-scaled-rope"])
 def test_logits_equal_paper_reference(single, cfg):
     weights = random_meta_weights(cfg)
-    tokens = random_batches(cfg, 1, 3, 24)[0]["tokens"]
+    tokens = random_batches(cfg, 1, 3, 40 if cfg.use_scaled_rope else 24)[0]["tokens"]
     model = build(cfg, weights)
     with torch.no_grad():
         ours = logits(model, tokens)
@@ -61,6 +66,29 @@ def test_logits_equal_paper_reference(single, cfg):
     assert ours.shape == expected.shape
     assert rel_err(ours, expected) <= 1e-5
     assert (ours - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_scaled_rope_frequencies_equal_independent_formula(single):
+    """megatron-core's rope scaling (what the model runs) against the Llama 3 paper's rule."""
+    model = build(TINY_LLAMA31)
+    ours = model.rotary_pos_emb.inv_freq.double()
+    expected = rope_frequencies(TINY_LLAMA31)
+    unscaled = rope_frequencies(dataclasses.replace(TINY_LLAMA31, use_scaled_rope=False))
+    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=0)
+    # the tiny shape covers all three regimes: kept, interpolated, divided by the factor
+    ratio = (expected / unscaled).tolist()
+    assert ratio[0] == 1.0 and ratio[-1] == pytest.approx(1 / 8)
+    assert any(1 / 8 + 1e-3 < r < 1 - 1e-3 for r in ratio)
+
+
+def test_scaled_rope_changes_logits_at_short_context(single):
+    """The scaling is visible within 40 positions, so the logits test above can fail."""
+    cfg = TINY_LLAMA31
+    weights = random_meta_weights(cfg)
+    tokens = random_batches(cfg, 1, 2, 40)[0]["tokens"]
+    unscaled = dataclasses.replace(cfg, use_scaled_rope=False)
+    gap = rel_err(reference_logits(weights, cfg, tokens), reference_logits(weights, unscaled, tokens))
+    assert gap > 1e-4  # 20x the 1e-5 tolerance of the logits test
 
 
 def test_sdpa_attention_equals_megatron_attention(single):

@@ -34,7 +34,7 @@ from megatron_llama.model.config import (
     ROPE_ORIGINAL_CONTEXT,
     LlamaConfig,
 )
-from megatron_llama.model.presets import preset_of
+from megatron_llama.model.presets import preset_of, with_released_ffn_rule
 
 LAYER_NAMES = {"attention.wq.weight": "self_attn.q_proj.weight",
                "attention.wk.weight": "self_attn.k_proj.weight",
@@ -170,7 +170,7 @@ def config_from_hf(path: str) -> LlamaConfig:
     if cfg.ffn_hidden_size != raw["intermediate_size"]:
         raise ConfigError(f"{path}: intermediate_size {raw['intermediate_size']} does not follow "
                           "LLaMA's FFN rule for this width")
-    return cfg
+    return cfg if extra else with_released_ffn_rule(cfg)
 
 
 def _file_plan(cfg: LlamaConfig, dtype: torch.dtype, max_bytes: int) -> list[list[str]]:
@@ -220,11 +220,22 @@ def write_hf(output: str, source: WeightSource, *, dtype: Optional[torch.dtype] 
                        os.path.join(tmp, "model.safetensors.index.json"))
         write_json(hf_config(cfg, dtype, special_ids(cfg, source.tokenizer)),
                    os.path.join(tmp, "config.json"))
-        if source.tokenizer:  # tokenizer.json etc.: AutoTokenizer encodes as SentencePiece
-            from megatron_llama.convert.hf_tokenizer import write_hf_tokenizer_files
-
-            write_hf_tokenizer_files(source.tokenizer, tmp)
+        if source.tokenizer:  # tokenizer.json etc.: AutoTokenizer encodes as we do
+            write_hf_tokenizer(source.tokenizer, tmp, cfg.max_seq_len)
     return output
+
+
+def write_hf_tokenizer(tokenizer_path: str, out_dir: str, max_length: int) -> list[str]:
+    """Hugging Face tokenizer files for ``tokenizer_path``, of whichever kind it is."""
+    from megatron_llama.data.tokenizer import Tokenizer
+
+    if Tokenizer(tokenizer_path).kind == "tiktoken":
+        from megatron_llama.convert.hf_tiktoken import write_hf_tiktoken_files
+
+        return write_hf_tiktoken_files(tokenizer_path, out_dir, max_length)
+    from megatron_llama.convert.hf_tokenizer import write_hf_tokenizer_files
+
+    return write_hf_tokenizer_files(tokenizer_path, out_dir)
 
 
 class HFCheckpoint(WeightSource):
@@ -259,8 +270,11 @@ class HFCheckpoint(WeightSource):
         if len(dtypes) > 1:
             raise ConfigError(f"{directory}: tensors mix dtypes {sorted(map(str, dtypes))}")
         self.dtype = dtypes.pop()
-        tokenizer = os.path.join(directory, "tokenizer.model")
-        self.tokenizer = tokenizer if os.path.isfile(tokenizer) else None
+        # Meta's own tokenizer file: beside the weights (our exports, Llama 2 repos) or in
+        # original/ (Meta's Llama 3.x repos on the Hugging Face hub)
+        candidates = [os.path.join(directory, "tokenizer.model"),
+                      os.path.join(directory, "original", "tokenizer.model")]
+        self.tokenizer = next((c for c in candidates if os.path.isfile(c)), None)
         self.description = "Hugging Face"
 
     def tensor(self, meta_name: str) -> torch.Tensor:

@@ -38,7 +38,7 @@ TEMPLATES = {
         "{{ bos_token }}[INST] <<SYS>>{{ '\\n' }}{{ system }}{{ '\\n' }}<</SYS>>{{ '\\n\\n' }}"
         "{{ m['content'] | trim }} [/INST]"
         "{%- else -%}{{ bos_token }}[INST] {{ m['content'] | trim }} [/INST]{%- endif -%}"
-        "{%- else -%} {{ m['content'] | trim }} {{ eos_token }}{%- endif -%}"
+        "{%- else -%}{{ ' ' }}{{ m['content'] | trim }} {{ eos_token }}{%- endif -%}"
         "{%- endfor -%}"
     ),
     "llama3": (

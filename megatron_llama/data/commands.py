@@ -18,9 +18,18 @@ def cmd_corpus(args: argparse.Namespace) -> int:
 
 
 def cmd_train_tokenizer(args: argparse.Namespace) -> int:
-    from megatron_llama.data.tokenizer import Tokenizer, train_tokenizer
+    from megatron_llama.data.tokenizer import Tokenizer, train_tiktoken_tokenizer, train_tokenizer
 
-    model = train_tokenizer(args.input, args.output_prefix, vocab_size=args.vocab_size,
+    if args.kind == "tiktoken":
+        model = train_tiktoken_tokenizer(
+            args.input, args.output_prefix + ".model",
+            vocab_size=args.vocab_size or 128256, text_key=args.text_key,
+            max_sentences=args.max_sentences, progress=not args.no_progress)
+        tok = Tokenizer(model)
+        print(f"wrote {model} (tiktoken BPE, vocab {tok.vocab_size} = "
+              f"{tok.vocab_size - 256} ranks + 256 specials, bos={tok.bos_id} eos={tok.eos_id})")
+        return 0
+    model = train_tokenizer(args.input, args.output_prefix, vocab_size=args.vocab_size or 32000,
                             text_key=args.text_key, max_sentences=args.max_sentences,
                             num_threads=args.threads, progress=not args.no_progress)
     tok = Tokenizer(model)
@@ -66,11 +75,18 @@ def add_command(subparsers) -> None:
         "train-tokenizer", help="train a SentencePiece BPE tokenizer with the paper's settings",
         description="Train SentencePiece BPE as the LLaMA paper did: numbers split into digits, "
         "byte fallback for unknown UTF-8, identity normalisation (text round-trips exactly), "
-        "ids unk=0 bos=1 eos=2. Writes <prefix>.model and <prefix>.vocab when done.")
+        "ids unk=0 bos=1 eos=2. Writes <prefix>.model and <prefix>.vocab when done. "
+        "--kind tiktoken trains a Llama 3-style byte-level BPE instead (Meta's split pattern, "
+        "256 special tokens after the ranks) and writes the rank file <prefix>.model.")
     tok.add_argument("--input", nargs="+", required=True,
                      help=".txt (one document per line), .jsonl or .jsonl.gz files")
     tok.add_argument("--output-prefix", required=True, help="writes <prefix>.model/.vocab")
-    tok.add_argument("--vocab-size", type=int, default=32000, help="vocabulary size (32000)")
+    tok.add_argument("--kind", choices=["sentencepiece", "tiktoken"], default="sentencepiece",
+                     help="sentencepiece: LLaMA-1/2 and Code Llama's kind (default); tiktoken: "
+                          "Llama 3's kind, a BPE rank file")
+    tok.add_argument("--vocab-size", type=int, default=None,
+                     help="vocabulary size, special tokens included (32000 for sentencepiece, "
+                          "128256 for tiktoken)")
     tok.add_argument("--text-key", default="text", help="JSON field holding the text (text)")
     tok.add_argument("--max-sentences", type=int, default=2_000_000,
                      help="lines sampled from the input for training (2,000,000)")
@@ -88,7 +104,9 @@ def add_command(subparsers) -> None:
     pre.add_argument("--input", nargs="+", required=True,
                      help=".txt (one document per line), .jsonl or .jsonl.gz files")
     pre.add_argument("--output-prefix", required=True, help="writes <prefix>.bin and .idx")
-    pre.add_argument("--tokenizer", required=True, help="SentencePiece .model (ours or Meta's)")
+    pre.add_argument("--tokenizer", required=True,
+                     help="tokenizer.model: SentencePiece (LLaMA-1/2, Code Llama, ours) or a "
+                          "tiktoken rank file (Llama 3.x), told apart by content")
     pre.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)),
                      help="tokenizer processes (default: all cores)")
     pre.add_argument("--text-key", default="text", help="JSON field holding the text (text)")

@@ -43,21 +43,18 @@ def special_token_names() -> list[str]:
 
 
 def looks_like_rank_file(path: str) -> bool:
-    """True when ``path`` starts like a tiktoken rank file (``base64 rank`` text lines);
-    SentencePiece models are binary protobuf."""
+    """True when ``path`` starts like a tiktoken rank file (a ``base64-token rank`` text
+    line); SentencePiece models are binary protobuf. A bad line further on is reported by
+    `read_rank_file` with its line number."""
     with open(path, "rb") as f:
-        head = f.read(4096)
-    lines = head.split(b"\n")[:-1] or [head]
-    if not head or not lines[0]:
+        first = f.readline(4096).rstrip(b"\r\n")
+    parts = first.split(b" ")
+    if len(parts) != 2 or not parts[1].isdigit():
         return False
-    for line in lines[:8]:
-        parts = line.split(b" ")
-        if len(parts) != 2 or not parts[1].strip().isdigit():
-            return False
-        try:
-            base64.b64decode(parts[0], validate=True)
-        except (binascii.Error, ValueError):
-            return False
+    try:
+        base64.b64decode(parts[0], validate=True)
+    except (binascii.Error, ValueError):
+        return False
     return True
 
 

@@ -9,6 +9,8 @@ numbers (docs/llama-family.md). Names: the LLaMA-1 sizes keep their paper names 
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -119,6 +121,20 @@ def preset_of(cfg: LlamaConfig) -> Optional[Preset]:
         if preset.name != "tiny" and preset.model.architecture() == cfg.architecture():
             return preset
     return None
+
+
+def with_released_ffn_rule(cfg: LlamaConfig) -> LlamaConfig:
+    """``cfg`` with the released model's ``multiple_of`` / ``ffn_dim_multiplier`` when a
+    release has its shape and FFN width (a Hugging Face config.json gives only the width,
+    and Meta's params.json needs the rule); else ``cfg`` unchanged."""
+    for preset in PRESETS.values():
+        m = preset.model
+        if preset.name != "tiny" and dataclasses.replace(
+                m, multiple_of=cfg.multiple_of, ffn_dim_multiplier=cfg.ffn_dim_multiplier,
+                max_seq_len=cfg.max_seq_len) == cfg and m.ffn_hidden_size == cfg.ffn_hidden_size:
+            return dataclasses.replace(cfg, multiple_of=m.multiple_of,
+                                       ffn_dim_multiplier=m.ffn_dim_multiplier)
+    return cfg
 
 
 def published_context(cfg: LlamaConfig) -> Optional[int]:

@@ -85,7 +85,8 @@ class TrainConfig:
         None, "a blend YAML, one dataset prefix (PREFIX.bin/.idx from `megatron-llama "
         "preprocess`), or weight/prefix pairs: --data 0.3 data/code 0.7 data/prose",
         group="data", flag="--data", nargs="+")
-    tokenizer: Optional[str] = option(None, "SentencePiece model of the data", group="data")
+    tokenizer: Optional[str] = option(None, "tokenizer.model of the data (SentencePiece or tiktoken)",
+                                      group="data")
     # checkpoints
     save_dir: Optional[str] = option(None, "checkpoint directory (dist_checkpointing)",
                                      group="checkpoints", flag="--save")
