@@ -20,30 +20,35 @@ transformers = pytest.importorskip("transformers")
 MHA = LlamaConfig(dim=128, n_layers=2, n_heads=8, vocab_size=96, multiple_of=32, max_seq_len=64)
 GQA = LlamaConfig(dim=128, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=64, multiple_of=32,
                   ffn_dim_multiplier=1.3, norm_eps=1e-5, max_seq_len=64, rope_theta=500.0)
+# Llama 3.1 in miniature: GQA, theta 500000, scaled RoPE (all three frequency regimes)
+LLAMA31 = LlamaConfig(dim=128, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=160,
+                      multiple_of=32, ffn_dim_multiplier=1.3, norm_eps=1e-5, max_seq_len=64,
+                      rope_theta=500000.0, use_scaled_rope=True)
 
 
-@pytest.mark.parametrize("cfg", [MHA, GQA], ids=["mha", "gqa-theta500"])
+@pytest.mark.parametrize("cfg", [MHA, GQA, LLAMA31], ids=["mha", "gqa-theta500", "llama3.1"])
 def test_export_loads_in_transformers_with_reference_logits(tmp_path, cfg):
     weights = random_meta_weights(cfg)
     src = write_by_hand(str(tmp_path / "meta"), cfg, weights, 2)
     convert(src, str(tmp_path / "hf"), "hf", progress=False)
     model = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf"),
                                                           torch_dtype=torch.float32)
-    tokens = random_batches(cfg, 1, 2, 20)[0]["tokens"]
+    tokens = random_batches(cfg, 1, 2, 60 if cfg.use_scaled_rope else 20)[0]["tokens"]
     with torch.no_grad():
         ours = model(tokens).logits
     expected = reference_logits(weights, cfg, tokens)
     assert (ours - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
-@pytest.mark.parametrize("cfg, version, shards", [(MHA, "1", 2), (GQA, "2", 2)],
-                         ids=["llama1-2shards", "llama2-gqa"])
+@pytest.mark.parametrize("cfg, version, shards", [(MHA, "1", 2), (GQA, "2", 2),
+                                                  (LLAMA31, "3.1", 2)],
+                         ids=["llama1-2shards", "llama2-gqa", "llama3.1"])
 def test_export_equals_hugging_faces_own_conversion(tmp_path, cfg, version, shards):
     from safetensors.torch import load_file
     from transformers.models.llama.convert_llama_weights_to_hf import write_model
 
     weights = random_meta_weights(cfg, dtype=torch.float16)
-    src = write_by_hand(str(tmp_path / "meta"), cfg, weights, shards)
+    src = write_by_hand(str(tmp_path / "meta"), cfg, weights, shards, llama3=version >= "3")
     theirs_dir = str(tmp_path / "theirs")
     write_model(theirs_dir, src, num_shards=shards, vocab_size=cfg.vocab_size,
                 llama_version=version, safe_serialization=True)
@@ -60,8 +65,9 @@ def test_export_equals_hugging_faces_own_conversion(tmp_path, cfg, version, shar
     their_config = json.load(open(os.path.join(theirs_dir, "config.json")))
     our_config = json.load(open(tmp_path / "ours" / "config.json"))
     for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
-                "num_key_value_heads", "rms_norm_eps", "vocab_size", "rope_theta"):
-        assert our_config[key] == their_config[key], key
+                "num_key_value_heads", "rms_norm_eps", "vocab_size", "rope_theta",
+                "rope_scaling"):
+        assert our_config.get(key) == their_config.get(key), key
 
 
 def test_meta_hf_meta_round_trip_and_hf_to_megatron(megatron_single, tmp_path):

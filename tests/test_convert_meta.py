@@ -24,16 +24,24 @@ CONCAT_DIM = {"tok_embeddings": 1, "output": 0, "wq": 0, "wk": 0, "wv": 0, "wo":
               "w3": 0, "w2": 1}
 
 
-def meta_dim(key):
+# Llama 3.x's files split the embedding by vocabulary rows instead (VocabParallelEmbedding).
+LLAMA3 = LlamaConfig(dim=128, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=512,
+                     multiple_of=32, ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0,
+                     use_scaled_rope=True)
+
+
+def meta_dim(key, llama3=False):
+    if llama3 and key == "tok_embeddings.weight":
+        return 0
     return CONCAT_DIM.get(key.split(".")[-2])  # None for norms (replicated)
 
 
-def write_by_hand(directory, cfg, weights, shards, params=None):
+def write_by_hand(directory, cfg, weights, shards, params=None, llama3=False):
     """A Meta directory written by the test itself, straight from the documented table."""
     os.makedirs(directory, exist_ok=True)
     for r in range(shards):
-        part = {k: (v if meta_dim(k) is None else v.chunk(shards, meta_dim(k))[r]).clone()
-                for k, v in weights.items()}
+        part = {k: (v if meta_dim(k, llama3) is None else v.chunk(shards, meta_dim(k, llama3))[r])
+                .clone() for k, v in weights.items()}
         part["rope.freqs"] = torch.zeros(cfg.head_dim // 2)  # present in Meta's files
         torch.save(part, os.path.join(directory, f"consolidated.{r:02d}.pth"))
     with open(os.path.join(directory, "params.json"), "w") as f:
@@ -41,11 +49,36 @@ def write_by_hand(directory, cfg, weights, shards, params=None):
     return directory
 
 
-def read_by_hand(directory):
+def read_by_hand(directory, llama3=False):
     files = sorted(f for f in os.listdir(directory) if f.startswith("consolidated."))
     parts = [torch.load(os.path.join(directory, f), weights_only=True) for f in files]
-    return {k: (parts[0][k] if meta_dim(k) is None else torch.cat([p[k] for p in parts], meta_dim(k)))
+    return {k: (parts[0][k] if meta_dim(k, llama3) is None
+                else torch.cat([p[k] for p in parts], meta_dim(k, llama3)))
             for k in parts[0]}, len(files)
+
+
+def test_llama3_files_split_the_embedding_by_rows_through_any_resharding(tmp_path):
+    """Meta's Llama 3.x shards split tok_embeddings by vocabulary rows; the layout is read
+    from the shapes and kept on writing (from a 1-file input: from the tiktoken tokenizer)."""
+    from megatron_llama.data.tiktoken_bpe import write_rank_file
+
+    weights = random_meta_weights(LLAMA3, dtype=torch.bfloat16)
+    src = write_by_hand(str(tmp_path / "src"), LLAMA3, weights, 2, llama3=True)
+    assert torch.load(os.path.join(src, "consolidated.00.pth"),
+                      weights_only=True)["tok_embeddings.weight"].shape == (256, 128)
+    ckpt = MetaCheckpoint(src)
+    assert ckpt.config == LLAMA3 and ckpt.embedding_dim == 0
+    assert all(torch.equal(ckpt.tensor(k), v) for k, v in weights.items())
+    convert(src, str(tmp_path / "s4"), "meta", shards=4, progress=False)
+    convert(str(tmp_path / "s4"), str(tmp_path / "s1"), "meta", shards=1, progress=False)
+    write_rank_file(str(tmp_path / "s1" / "tokenizer.model"), [bytes([b]) for b in range(256)])
+    convert(str(tmp_path / "s1"), str(tmp_path / "s2"), "meta", shards=2, progress=False)
+    for name, n in (("s4", 4), ("s1", 1), ("s2", 2)):
+        back, files = read_by_hand(str(tmp_path / name), llama3=True)
+        assert files == n and back.keys() == weights.keys()
+        assert all(torch.equal(back[k], v) for k, v in weights.items()), name
+    params = json.load(open(tmp_path / "s2" / "params.json"))
+    assert params["use_scaled_rope"] is True and params["rope_theta"] == 500000.0
 
 
 @pytest.mark.parametrize("cfg", [CFG, LLAMA2], ids=["llama1", "llama2-gqa"])

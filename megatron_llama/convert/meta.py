@@ -36,7 +36,7 @@ from megatron_llama.model.canonical import (
     split_dim,
 )
 from megatron_llama.model.config import LlamaConfig
-from megatron_llama.model.presets import published_context
+from megatron_llama.model.presets import preset_of, published_context
 
 SHARD_RE = re.compile(r"^consolidated\.(\d{2})\.pth$")
 
@@ -88,7 +88,11 @@ class MetaCheckpoint(WeightSource):
         if emb is None:
             raise ConfigError(f"{self.paths[0]}: missing tok_embeddings.weight")
         raw = read_json_object(params)
-        self.config = LlamaConfig.from_dict(raw, vocab_size=emb.shape[0], source=params)
+        # Llama 3.x's files split the embedding by vocabulary rows: full-width shards
+        n = len(files)
+        self.embedding_dim = 0 if n > 1 and emb.dim() == 2 and emb.shape[1] == raw.get("dim") else 1
+        rows = emb.shape[0] * (n if self.embedding_dim == 0 else 1)
+        self.config = LlamaConfig.from_dict(raw, vocab_size=rows, source=params)
         if "max_seq_len" not in raw:  # Meta's files do not say: the release's context
             self.config.max_seq_len = published_context(self.config) or 2048
         self.dtype = emb.dtype
@@ -119,10 +123,11 @@ class MetaCheckpoint(WeightSource):
                 raise ConfigError(f"{path}: unexpected tensor(s), e.g. {extra[0]}")
             for key in wanted:
                 t = sd[key]
-                expect = shard_shape(key, cfg, n)
+                expect = shard_shape(key, cfg, n, self.embedding_dim)
                 if tuple(t.shape) != expect:
                     hint = ""
-                    if split_dim(key) is not None and t.shape[split_dim(key)] * n != full_shape(key, cfg)[split_dim(key)]:
+                    dim = split_dim(key, self.embedding_dim)
+                    if dim is not None and t.shape[dim] * n != full_shape(key, cfg)[dim]:
                         hint = f"; shard count {n} does not match these sizes"
                     raise ConfigError(f"{path}: {key} has shape {tuple(t.shape)}, params.json "
                                       f"implies {expect}{hint}")
@@ -139,7 +144,7 @@ class MetaCheckpoint(WeightSource):
             t = sd.get(name)
             if t is None or t.dim() != 2:
                 return None
-            return t.shape[dim] * (n if split_dim(name) == dim else 1)
+            return t.shape[dim] * (n if split_dim(name, self.embedding_dim) == dim else 1)
 
         checks = [
             ("vocab_size", cfg.vocab_size, rows("output.weight"), "output.weight rows"),
@@ -163,14 +168,16 @@ class MetaCheckpoint(WeightSource):
 
     def tensor(self, name: str) -> torch.Tensor:
         """The full tensor ``name`` (concatenated over shards when Meta splits it)."""
-        return self.part(name, 0, 1)
+        return self.part(name, 0, 1, self.embedding_dim)
 
-    def part(self, name: str, index: int, count: int) -> torch.Tensor:
+    def part(self, name: str, index: int, count: int, embedding_dim: int = 1) -> torch.Tensor:
         """Piece ``index`` of ``count`` along Meta's split dim, reading only the input shards
         that overlap it (re-sharding 8 -> 8 reads each byte once, not 8 times)."""
-        dim = split_dim(name)
+        dim = split_dim(name, embedding_dim)
         if dim is None:
             return _copy_out(self.shards[0][name])
+        if dim != split_dim(name, self.embedding_dim):  # the other layout: via the full tensor
+            return self.tensor(name).chunk(count, dim=dim)[index].clone()
         n = self.num_shards
         length = full_shape(name, self.config)[dim]
         lo, hi = index * length // count, (index + 1) * length // count
@@ -190,6 +197,20 @@ def _copy_out(mapped: torch.Tensor, view: Optional[torch.Tensor] = None) -> torc
     return out
 
 
+def meta_embedding_dim(source: WeightSource) -> int:
+    """How Meta's files of this model split ``tok_embeddings``: as the source does when it is
+    a Meta directory, by vocabulary rows (0) for Llama 3.x (a tiktoken tokenizer or a Llama 3
+    shape), else by columns (1)."""
+    if isinstance(source, MetaCheckpoint) and source.num_shards > 1:  # (one file: no telling)
+        return source.embedding_dim
+    if source.tokenizer:
+        from megatron_llama.data.tokenizer import Tokenizer
+
+        return 0 if Tokenizer(source.tokenizer).kind == "tiktoken" else 1
+    preset = preset_of(source.config)
+    return 0 if preset is not None and preset.tokenizer == "tiktoken" else 1
+
+
 def write_meta(output: str, source: WeightSource, shards: int,
                dtype: Optional[torch.dtype] = None, force: bool = False,
                progress: bool = False) -> str:
@@ -206,13 +227,15 @@ def write_meta(output: str, source: WeightSource, shards: int,
         raise ConfigError(f"cannot write {shards} shards: {cfg.n_heads} heads / "
                           f"{cfg.num_kv_heads} KV heads are not divisible")
     keys = meta_keys(cfg)
+    emb_dim = meta_embedding_dim(source)
     bar = tqdm(total=shards * cfg.n_layers, unit="layer", desc="meta", disable=not progress)
     with staged_directory(output, force, owner="convert") as tmp, bar:
         for r in range(shards):
             path = os.path.join(tmp, f"consolidated.{r:02d}.pth")
-            writer = TorchFileWriter(path, [(k, shard_shape(k, cfg, shards), dtype) for k in keys])
+            writer = TorchFileWriter(path, [(k, shard_shape(k, cfg, shards, emb_dim), dtype)
+                                            for k in keys])
             for i, key in enumerate(keys):
-                writer.write(key, source.part(key, r, shards).to(dtype))
+                writer.write(key, source.part(key, r, shards, emb_dim).to(dtype))
                 if layer_index(key) is not None and (i + 1 == len(keys) or
                                                      layer_index(keys[i + 1]) != layer_index(key)):
                     bar.update(1)

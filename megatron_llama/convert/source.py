@@ -39,13 +39,14 @@ class WeightSource:
         """The full tensor ``name`` (e.g. ``layers.3.attention.wq.weight``), fresh memory."""
         raise NotImplementedError
 
-    def part(self, name: str, index: int, count: int) -> torch.Tensor:
-        """Piece ``index`` of ``count`` of ``name`` as Meta splits it across shards.
+    def part(self, name: str, index: int, count: int, embedding_dim: int = 1) -> torch.Tensor:
+        """Piece ``index`` of ``count`` of ``name`` as Meta splits it across shards
+        (``embedding_dim``: see `split_dim`).
 
         Readers that store Meta's shards override this to read only the overlapping inputs.
         """
         full = self.tensor(name)
-        dim = split_dim(name)
+        dim = split_dim(name, embedding_dim)
         if dim is None or count == 1:
             return full
         return full.chunk(count, dim=dim)[index].clone()

@@ -62,8 +62,14 @@ def layer_index(name: str) -> Optional[int]:
     return int(name.split(".", 2)[1]) if name.startswith("layers.") else None
 
 
-def split_dim(name: str) -> Optional[int]:
-    """Meta's split dimension for a full key like ``layers.3.attention.wq.weight``."""
+def split_dim(name: str, embedding_dim: int = 1) -> Optional[int]:
+    """Meta's split dimension for a full key like ``layers.3.attention.wq.weight``.
+
+    ``embedding_dim``: LLaMA-1/2 and Code Llama split ``tok_embeddings`` by columns (1); Llama
+    3.x's files split it by vocabulary rows (0), a vocab-parallel embedding.
+    """
+    if name == "tok_embeddings.weight":
+        return embedding_dim
     return SPLIT_DIM[_suffix(name)]
 
 
@@ -80,10 +86,11 @@ def full_shape(name: str, cfg: LlamaConfig) -> tuple[int, ...]:
             "attention_norm.weight": (d,), "ffn_norm.weight": (d,)}[_suffix(name)]
 
 
-def shard_shape(name: str, cfg: LlamaConfig, shards: int) -> tuple[int, ...]:
+def shard_shape(name: str, cfg: LlamaConfig, shards: int,
+                embedding_dim: int = 1) -> tuple[int, ...]:
     """Shape of ``name`` in each of ``shards`` Meta files."""
     shape = list(full_shape(name, cfg))
-    dim = split_dim(name)
+    dim = split_dim(name, embedding_dim)
     if dim is not None:
         shape[dim] //= shards
     return tuple(shape)
