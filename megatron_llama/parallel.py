@@ -50,7 +50,10 @@ class ParallelLayout:
             raise ConfigError(f"n_heads={cfg.n_heads} is not divisible by TP={self.tp} "
                               f"(legal TP: {_power_of_two_divisors(cfg.n_heads)})")
         if cfg.num_kv_heads % self.tp:
-            raise ConfigError(f"n_kv_heads={cfg.num_kv_heads} is not divisible by TP={self.tp}")
+            raise ConfigError(f"n_kv_heads={cfg.num_kv_heads} is not divisible by TP={self.tp}: "
+                              "megatron-core gives each TP rank whole KV groups (legal TP: "
+                              f"{_power_of_two_divisors(cfg.num_kv_heads)}; for more GPUs raise "
+                              "PP or DP)")
         if cfg.ffn_hidden_size % self.tp:
             raise ConfigError(f"FFN width {cfg.ffn_hidden_size} is not divisible by TP={self.tp}")
         if self.sp and self.tp == 1:
