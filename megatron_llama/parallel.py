@@ -29,23 +29,68 @@ class ParallelLayout:
     vp: Optional[int] = field(default=None, metadata={
         "help": "virtual pipeline stages per rank (interleaved 1F1B)"})
     sp: bool = field(default=False, metadata={"help": "sequence parallelism (needs --tp > 1)"})
+    cp: int = field(default=1, metadata={
+        "help": "context-parallel size: each sequence split over this many ranks (megatron-"
+                "core's ring attention; GPUs with Transformer Engine only)"})
+    first_stage_layers: Optional[int] = field(default=None, metadata={
+        "help": "transformer layers on the first pipeline stage (uneven PP, e.g. Llama 3.1 "
+                "405B's 126 layers on PP=16 as 7 + 14 x 8 + 7); the rest split evenly"})
+    last_stage_layers: Optional[int] = field(default=None, metadata={
+        "help": "transformer layers on the last pipeline stage (uneven PP; it also holds "
+                "the output layer and the loss)"})
+    embedding_and_loss_as_layers: bool = field(default=False, metadata={
+        "help": "count the embedding and the output layer + loss as one transformer layer "
+                "each when splitting layers over pipeline stages (lighter first and last "
+                "stages that still allow --vp: Llama 3.1 405B's 126 + 2 = PP16 x VP2 x 4)"})
 
     @property
     def model_parallel_size(self) -> int:
         return self.tp * self.pp
 
+    @property
+    def ranks_per_replica(self) -> int:
+        """Ranks holding one copy of the model's data-parallel state: TP x PP x CP."""
+        return self.tp * self.pp * self.cp
+
     def dp(self, world_size: int) -> int:
-        return world_size // self.model_parallel_size
+        return world_size // self.ranks_per_replica
+
+    def chunk_counts(self, n_layers: int) -> dict[tuple[int, int], int]:
+        """Transformer layers in each (pp_rank, vp_stage) chunk, as megatron-core builds them."""
+        from megatron_llama.model.canonical import chunk_layer_counts
+
+        return chunk_layer_counts(n_layers, self.pp, self.vp, self.first_stage_layers,
+                                  self.last_stage_layers, self.embedding_and_loss_as_layers)
+
+    def stage_layers(self, n_layers: int) -> list[int]:
+        """Transformer layers on each pipeline stage."""
+        counts = self.chunk_counts(n_layers)
+        return [sum(n for (p, _), n in counts.items() if p == stage) for stage in range(self.pp)]
+
+    @property
+    def uneven(self) -> bool:
+        return (self.first_stage_layers is not None or self.last_stage_layers is not None
+                or self.embedding_and_loss_as_layers)
 
     def describe(self, world_size: int) -> str:
         vp = f" VP={self.vp}" if self.vp else ""
-        return f"TP={self.tp}{' (SP)' if self.sp else ''} PP={self.pp}{vp} DP={self.dp(world_size)}"
+        cp = f" CP={self.cp}" if self.cp > 1 else ""
+        split = ""
+        if self.embedding_and_loss_as_layers:
+            split = " (embedding and loss as layers)"
+        elif self.uneven:
+            ends = [f"{name} {n}" for name, n in (("first", self.first_stage_layers),
+                                                  ("last", self.last_stage_layers)) if n]
+            split = f" ({' / '.join(ends)} layers)"
+        return (f"TP={self.tp}{' (SP)' if self.sp else ''}{cp} PP={self.pp}{vp}{split} "
+                f"DP={self.dp(world_size)}")
 
     def check(self, cfg: LlamaConfig, world_size: Optional[int] = None,
               micro_batch: Optional[int] = None, global_batch: Optional[int] = None) -> None:
         """Raise `ConfigError` (one line) if this layout cannot run ``cfg``."""
-        if self.tp < 1 or self.pp < 1 or (self.vp is not None and self.vp < 1):
-            raise ConfigError(f"TP, PP and VP must be positive, got {self}")
+        if (self.tp < 1 or self.pp < 1 or self.cp < 1
+                or (self.vp is not None and self.vp < 1)):
+            raise ConfigError(f"TP, PP, CP and VP must be positive, got {self}")
         if cfg.n_heads % self.tp:
             raise ConfigError(f"n_heads={cfg.n_heads} is not divisible by TP={self.tp} "
                               f"(legal TP: {_power_of_two_divisors(cfg.n_heads)})")
@@ -58,15 +103,24 @@ class ParallelLayout:
             raise ConfigError(f"FFN width {cfg.ffn_hidden_size} is not divisible by TP={self.tp}")
         if self.sp and self.tp == 1:
             raise ConfigError("sequence parallelism needs TP > 1")
-        stages = self.pp * (self.vp or 1)
-        if cfg.n_layers % stages:
-            raise ConfigError(f"n_layers={cfg.n_layers} is not divisible by PP*VP={stages}")
+        if self.embedding_and_loss_as_layers:
+            self._check_ends_as_layers(cfg.n_layers)
+        elif self.uneven:
+            self._check_uneven(cfg.n_layers)
+        else:
+            stages = self.pp * (self.vp or 1)
+            if cfg.n_layers % stages:
+                hint = (" (uneven stages: --embedding-and-loss-as-layers or --first-stage-"
+                        "layers / --last-stage-layers)" if self.pp > 2 else "")
+                raise ConfigError(f"n_layers={cfg.n_layers} is not divisible by "
+                                  f"PP*VP={stages}{hint}")
         if self.vp is not None and self.vp > 1 and self.pp == 1:
             raise ConfigError("virtual pipeline stages need PP > 1")
         if world_size is not None:
-            if world_size % self.model_parallel_size:
+            if world_size % self.ranks_per_replica:
+                what = "TP*PP*CP" if self.cp > 1 else "TP*PP"
                 raise ConfigError(f"world size {world_size} is not divisible by "
-                                  f"TP*PP={self.model_parallel_size}")
+                                  f"{what}={self.ranks_per_replica}")
             dp = self.dp(world_size)
             if micro_batch is not None and global_batch is not None:
                 if global_batch % (micro_batch * dp):
@@ -76,6 +130,36 @@ class ParallelLayout:
                 if self.vp and self.vp > 1 and n_micro % self.pp:
                     raise ConfigError(f"interleaved pipeline needs the number of microbatches "
                                       f"({n_micro}) to be a multiple of PP={self.pp}")
+
+
+    def _check_ends_as_layers(self, n_layers: int) -> None:
+        v = self.vp or 1
+        if self.first_stage_layers is not None or self.last_stage_layers is not None:
+            raise ConfigError("--embedding-and-loss-as-layers and --first/--last-stage-layers "
+                              "are two ways to lighten the end stages: choose one")
+        if self.pp == 1:
+            raise ConfigError("--embedding-and-loss-as-layers needs PP > 1")
+        if (n_layers + 2) % (self.pp * v):
+            raise ConfigError(f"n_layers={n_layers} + 2 (embedding and loss) is not divisible "
+                              f"by PP*VP={self.pp * v}")
+
+    def _check_uneven(self, n_layers: int) -> None:
+        """megatron-core's rules for uneven stages, as one-line errors."""
+        v = self.vp or 1
+        if self.pp == 1:
+            raise ConfigError("--first-stage-layers / --last-stage-layers need PP > 1")
+        for name, value in (("first", self.first_stage_layers), ("last", self.last_stage_layers)):
+            if value is not None and (value < 1 or value % v):
+                raise ConfigError(f"{name}_stage_layers={value} must be a positive multiple of "
+                                  f"VP={v}")
+        middle_stages = self.pp - (self.first_stage_layers is not None) - (
+            self.last_stage_layers is not None)
+        middle = n_layers - (self.first_stage_layers or 0) - (self.last_stage_layers or 0)
+        if middle < 0 or bool(middle) != bool(middle_stages) or (
+                middle_stages and middle % (middle_stages * v)):
+            raise ConfigError(f"n_layers={n_layers} minus the first/last stage layers leaves "
+                              f"{middle} for {middle_stages} middle stage(s) x VP={v}: not an "
+                              "even split")
 
 
 def _power_of_two_divisors(n: int) -> str:

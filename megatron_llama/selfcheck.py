@@ -26,6 +26,11 @@ CASES: dict[str, tuple] = {
     "TP2-SP": (ParallelLayout(tp=2, sp=True), "none"),
     "PP2-1F1B": (ParallelLayout(pp=2), "none"),
     "PP2-VP2-interleaved": (ParallelLayout(pp=2, vp=2), "none"),
+    # uneven stages, as Llama 3.1 405B needs (126 layers on PP=16): 1 + 3 layers here
+    "PP2-uneven-1+3": (ParallelLayout(pp=2, first_stage_layers=1), "none"),
+    # embedding and loss counted as layers (Llama 3.1 405B on PP16): 4 + 2 = 6 = PP2 x VP3
+    "PP2-VP3-ends-as-layers": (ParallelLayout(pp=2, vp=3, embedding_and_loss_as_layers=True),
+                               "none"),
     "DP2": (ParallelLayout(), "none"),
     "TP2-SP-full-recompute": (ParallelLayout(tp=2, sp=True), "full"),
     "TP2-selective-recompute": (ParallelLayout(tp=2), "selective"),
@@ -102,7 +107,8 @@ def merge(case: str, per_rank: list[dict], cfg: LlamaConfig = CHECK_CONFIG):
     for r in results:
         if r["dp_rank"] == 0:
             shards.update(r["grads"])
-    grads = megatron_to_meta(shards, cfg, tp=layout.tp, pp=layout.pp, vp=layout.vp)
+    grads = megatron_to_meta(shards, cfg, tp=layout.tp, pp=layout.pp, vp=layout.vp,
+                             counts=layout.chunk_counts(cfg.n_layers))
     return loss, grads, shards
 
 

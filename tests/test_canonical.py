@@ -74,3 +74,28 @@ def test_chunk_layers_interleaved_placement():
     assert {k: list(v) for k, v in chunk_layers(8, 2, 2).items()} == {
         (0, 0): [0, 1], (1, 0): [2, 3], (0, 1): [4, 5], (1, 1): [6, 7]}
     assert list(chunk_layers(80, 8)[(3, 0)]) == list(range(30, 40))
+
+
+def test_uneven_pipeline_placement_follows_megatron_core():
+    """Llama 3.1 405B's 126 layers on PP=16: 7 on the first and last stages (Llama 3 paper,
+    section 3.3.2), or the embedding and loss counted as layers (which allows VP)."""
+    from megatron_llama.parallel import ParallelLayout
+
+    layout = ParallelLayout(tp=8, pp=16, first_stage_layers=7, last_stage_layers=7)
+    assert layout.stage_layers(126) == [7] + [8] * 14 + [7]
+    chunks = chunk_layers(126, 16, counts=layout.chunk_counts(126))
+    assert list(chunks[(0, 0)]) == list(range(7)) and list(chunks[(1, 0)]) == list(range(7, 15))
+    assert list(chunks[(15, 0)]) == list(range(119, 126))
+    # megatron-core: pass v covers [v L/V, (v+1) L/V); stage 0 takes first/V of each pass
+    uneven = ParallelLayout(pp=2, vp=2, first_stage_layers=4)
+    got = {k: list(v) for k, v in chunk_layers(12, 2, 2, uneven.chunk_counts(12)).items()}
+    assert got == {(0, 0): [0, 1], (1, 0): [2, 3, 4, 5], (0, 1): [6, 7], (1, 1): [8, 9, 10, 11]}
+    # 126 + embedding + loss = 128 = 16 stages x 2 chunks x 4: the first and last chunks
+    # hold 3 transformer layers (megatron-core's offsets: v * 64 + p * 4 - 1 after the first)
+    ends = ParallelLayout(tp=8, pp=16, vp=2, embedding_and_loss_as_layers=True)
+    assert ends.stage_layers(126) == [7] + [8] * 14 + [7]
+    chunks = chunk_layers(126, 16, 2, ends.chunk_counts(126))
+    assert list(chunks[(0, 0)]) == [0, 1, 2] and chunks[(1, 0)].start == 1 * 4 - 1
+    assert chunks[(0, 1)].start == 64 - 1 and chunks[(5, 1)].start == 64 + 5 * 4 - 1
+    assert list(chunks[(15, 1)]) == [123, 124, 125]
+    assert chunk_layers(8, 2, 2) == chunk_layers(8, 2, 2, ParallelLayout(pp=2, vp=2).chunk_counts(8))

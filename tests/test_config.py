@@ -210,3 +210,33 @@ def test_batch_divisibility():
         ParallelLayout(tp=8, pp=4).check(cfg, 2048, micro_batch=1, global_batch=1000)
     with pytest.raises(ConfigError, match="multiple of PP=4"):
         ParallelLayout(tp=8, pp=4, vp=2).check(cfg, 512, micro_batch=1, global_batch=96)
+
+
+@pytest.mark.parametrize("layout, error", [
+    (dict(pp=16), "n_layers=126 is not divisible by PP\\*VP=16 .uneven stages: "
+                  "--embedding-and-loss-as-layers or --first-stage-layers"),
+    (dict(pp=16, vp=3, embedding_and_loss_as_layers=True),
+     "126 \\+ 2 .embedding and loss. is not divisible by PP\\*VP=48"),
+    (dict(pp=16, first_stage_layers=7, embedding_and_loss_as_layers=True), "choose one"),
+    (dict(pp=16, first_stage_layers=7), "leaves 119 for 15 middle stage.s. x VP=1: not an even split"),
+    (dict(pp=16, first_stage_layers=7, last_stage_layers=7, vp=2),
+     "first_stage_layers=7 must be a positive multiple of VP=2"),
+    (dict(pp=1, first_stage_layers=7), "need PP > 1"),
+    (dict(pp=16, cp=16, first_stage_layers=7, last_stage_layers=7), None),
+    (dict(pp=16, vp=2, embedding_and_loss_as_layers=True), "ok"),
+])
+def test_uneven_pipeline_rules(layout, error):
+    cfg = get_preset("llama3.1-405b").model
+    lay = ParallelLayout(tp=8, **layout)
+    if error == "ok":
+        lay.check(cfg, 2048)
+        return
+    if error is None:  # Table 4's 128k layout: TP8 CP16 PP16 DP8 on 16,384 GPUs
+        lay.check(cfg, 16384)
+        assert lay.dp(16384) == 8 and lay.describe(16384) == (
+            "TP=8 CP=16 PP=16 (first 7 / last 7 layers) DP=8")
+        with pytest.raises(ConfigError, match="world size 1000 is not divisible by TP\\*PP\\*CP=2048"):
+            lay.check(cfg, 1000)
+        return
+    with pytest.raises(ConfigError, match=error):
+        lay.check(cfg)

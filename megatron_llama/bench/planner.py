@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import Optional
 
 from megatron_llama.errors import ConfigError
 from megatron_llama.model.config import LlamaConfig
@@ -36,6 +37,7 @@ PUE = 1.1                 # paper, Table 15
 # At 0.59 the chosen 65B layout predicts 381; the GPU-hours of Table 15 then come out within
 # 3 % for 13B/33B/65B and 16 % low for 7B (its layout in the paper is not given).
 DEFAULT_EFFICIENCY = 0.59
+H100_EFFICIENCY = 0.55
 TCO2_PER_MWH = 0.385      # paper: US national average carbon intensity, tCO2eq / MWh
 GB = 1e9
 
@@ -51,12 +53,16 @@ class GPUSpec:
     intra_gbps: float       # NVLink collective bus bandwidth per GPU, GB/s
     inter_gbps: float       # network per GPU (one NIC each), GB/s
     gpus_per_node: int = 8
+    efficiency: float = 0.59  # fraction of the peak matmuls and attention reach (calibrated)
 
 
 GPUS = {
     "a100-80gb": GPUSpec("A100-SXM4-80GB", 312.0, 80.0, 400.0, 240.0, 25.0),
     "a100-40gb": GPUSpec("A100-SXM4-40GB", 312.0, 40.0, 400.0, 240.0, 25.0),
-    "h100-80gb": GPUSpec("H100-SXM5-80GB", 989.0, 80.0, 700.0, 370.0, 50.0),
+    # H100: calibrated on the Llama 3 paper's Table 4 row 1 (405B, 8,192 GPUs, 430 TFLOPs/GPU);
+    # its other two rows are then predictions (tests/test_planner.py)
+    "h100-80gb": GPUSpec("H100-SXM5-80GB", 989.0, 80.0, 700.0, 370.0, 50.0,
+                         efficiency=H100_EFFICIENCY),
 }
 
 
@@ -76,52 +82,72 @@ class StepTime:
 
 
 def step_time(cfg: LlamaConfig, lay: PlanLayout, seq: int, global_batch: int, gpu: GPUSpec,
-              efficiency: float = DEFAULT_EFFICIENCY, param_bytes: int = 2) -> StepTime:
-    """Predicted seconds per step of ``global_batch`` sequences on ``lay``."""
-    s, b, h, t, p, d = seq, lay.micro_batch, cfg.dim, lay.tp, lay.pp, lay.dp
+              efficiency: Optional[float] = None, param_bytes: int = 2) -> StepTime:
+    """Predicted seconds per step of ``global_batch`` sequences on ``lay``.
+
+    Context parallelism: each rank computes s / cp of every sequence (causal attention
+    load-balanced, as megatron-core splits it into 2 cp chunks), its ring passes K and V
+    around the CP group behind the attention compute, and gradients reduce over DP x CP.
+    Uneven stages: the slowest stage sets the pace.
+    """
+    s, b, h, t, p, d, c = seq, lay.micro_batch, cfg.dim, lay.tp, lay.pp, lay.dp, lay.cp
     m = global_batch // (b * d)
     vp = lay.vp or 1
-    rate = gpu.peak_tflops * 1e12 * efficiency
-    # forward FLOPs of one layer for one microbatch on one TP rank: matmuls + causal attention
+    rate = gpu.peak_tflops * 1e12 * (gpu.efficiency if efficiency is None else efficiency)
+    # forward FLOPs of one layer for one microbatch on one rank: matmuls + causal attention
     matmul = 2 * s * b * (cfg.layer_params() - 2 * h)
     attention = 2 * s * s * b * cfg.n_heads * cfg.head_dim       # QK^T and AV, causal half
-    layer_fwd = (matmul + attention) / t
-    extra = {"none": 0.0, "selective": attention / t, "full": layer_fwd}[lay.recompute]
+    layer_fwd = (matmul + attention) / (t * c)
+    extra = {"none": 0.0, "selective": attention / (t * c), "full": layer_fwd}[lay.recompute]
     layer_step = 3 * layer_fwd + extra                           # bwd = 2 x fwd
-    logits = 3 * 2 * s * b * h * cfg.padded_vocab_size(t) / t    # last stage only
-    stage_micro = ((cfg.n_layers // p) * layer_step + logits) / rate  # slowest stage
+    logits = 3 * 2 * s * b * h * cfg.padded_vocab_size(t) / (t * c)  # last stage only
+    counts = lay.stage_layers(cfg.n_layers)
+    stage_flops = [n * layer_step + (logits if i == p - 1 else 0.0) for i, n in enumerate(counts)]
+    stage_micro = max(stage_flops) / rate                        # the slowest stage
     compute = m * stage_micro
     bubble = (p - 1) / vp * stage_micro
-    # TP: all-reduce (or all-gather + reduce-scatter with SP, the same bytes) of [s, b, h]:
+    layers = max(counts)
+    # TP: all-reduce (or all-gather + reduce-scatter with SP, the same bytes) of [s/c, b, h]:
     # 2 in forward, 2 in backward, 2 more when the forward is recomputed
     tp_msgs = 4 + (2 if lay.recompute == "full" else 0)
     tp_bytes = 0.0
     if t > 1:
-        tp_bytes = tp_msgs * 2 * (t - 1) / t * s * b * h * param_bytes * (cfg.n_layers // p) * m
+        tp_bytes = tp_msgs * 2 * (t - 1) / t * s / c * b * h * param_bytes * layers * m
     tp_bw = gpu.intra_gbps if t <= gpu.gpus_per_node else gpu.inter_gbps
     tp_comm = tp_bytes / (tp_bw * GB)
+    # CP: each rank's K and V shard ([s/c, b, kv/t]) visits the c - 1 others in forward,
+    # K, V and their gradients in backward; exposed only beyond the attention it overlaps
+    cp_comm, cp_bytes = 0.0, 0.0
+    if c > 1:
+        kv = 2 * cfg.num_kv_heads * cfg.head_dim / t
+        per_layer = 3 * (c - 1) * s / c * b * kv * param_bytes
+        cp_bytes = per_layer * layers * m
+        cp_bw = gpu.intra_gbps if t * c <= gpu.gpus_per_node else gpu.inter_gbps
+        hidden = 3 * attention / (t * c) / rate
+        cp_comm = max(0.0, per_layer / (cp_bw * GB) - hidden) * layers * m
     # DP: reduce-scatter of fp32 grads + all-gather of weights (distributed optimizer), or an
-    # all-reduce of fp32 grads; overlapped with the last microbatch's backward and the first
-    # microbatch's forward
-    params = stage_params(cfg, t, p, True, p == 1)
-    frac = (d - 1) / d
+    # all-reduce of fp32 grads, over DP x CP; overlapped with the last microbatch's backward
+    # and the first microbatch's forward
+    params = stage_params(cfg, t, p, True, p == 1, counts[0])
+    group = d * c
+    frac = (group - 1) / group
     if lay.distributed_optimizer:
         rs, ag = frac * params * 4, frac * params * param_bytes
     else:
         rs, ag = 2 * frac * params * 4, 0.0
-    # megatron-core orders ranks TP fastest, then DP, then PP: a DP group spans t*d
-    # consecutive ranks and leaves the node (NVLink) as soon as t*d exceeds a node
-    dp_bw = gpu.intra_gbps if t * d <= gpu.gpus_per_node else gpu.inter_gbps
+    # megatron-core orders ranks TP fastest, then CP, DP, PP: a DP x CP group spans t*c*d
+    # consecutive ranks and leaves the node (NVLink) as soon as that exceeds a node
+    dp_bw = gpu.intra_gbps if t * group <= gpu.gpus_per_node else gpu.inter_gbps
     fwd_micro = stage_micro / 3
     dp_comm = max(0.0, rs / (dp_bw * GB) - 2 * fwd_micro) + max(0.0, ag / (dp_bw * GB) - fwd_micro)
     # PP: activations forward and their gradients backward, at every chunk boundary
     pp_bytes = 0.0
     if p > 1:
-        pp_bytes = 2 * m * vp * s * b * h * param_bytes / (t if lay.sp else 1)
-    pp_bw = gpu.intra_gbps if t * d * p <= gpu.gpus_per_node else gpu.inter_gbps
+        pp_bytes = 2 * m * vp * s / c * b * h * param_bytes / (t if lay.sp else 1)
+    pp_bw = gpu.intra_gbps if t * group * p <= gpu.gpus_per_node else gpu.inter_gbps
     pp_comm = pp_bytes / (pp_bw * GB)
-    return StepTime(compute, bubble, tp_comm, dp_comm, pp_comm,
-                    {"tp": tp_bytes, "dp": rs + ag, "pp": pp_bytes})
+    return StepTime(compute, bubble, tp_comm + cp_comm, dp_comm, pp_comm,
+                    {"tp": tp_bytes, "cp": cp_bytes, "dp": rs + ag, "pp": pp_bytes})
 
 
 # ---- enumeration and ranking ---------------------------------------------------------------
@@ -135,34 +161,52 @@ class Candidate:
     fits: bool
 
 
+def balanced_ends(n_layers: int, pp: int) -> Optional[int]:
+    """Layers on the first and last stages when ``pp`` does not divide ``n_layers``: the
+    largest k with the middle stages even and no lighter than k (126 on 16: 7, as Llama 3)."""
+    if pp < 3:
+        return None
+    for k in range(n_layers // pp, 0, -1):
+        middle = n_layers - 2 * k
+        if middle % (pp - 2) == 0 and middle // (pp - 2) >= k:
+            return k
+    return None
+
+
 def legal_layouts(cfg: LlamaConfig, gpus: int, global_batch: int, seq: int,
                   gpus_per_node: int = 8, micro_batches=(1, 2, 4),
                   max_vp: int = 4) -> list[PlanLayout]:
-    """Every layout `ParallelLayout.check` accepts for ``gpus`` (TP within a node)."""
+    """Every layout `ParallelLayout.check` accepts for ``gpus`` (TP within a node): pipeline
+    sizes that divide the layers, and powers of two with lighter first/last stages
+    (`balanced_ends`); context parallelism from 32k-token sequences on."""
     out = []
     tps = [t for t in (1, 2, 4, 8, 16) if t <= gpus_per_node]
-    pps = [p for p in range(1, cfg.n_layers + 1) if cfg.n_layers % p == 0 and p <= 64]
-    for t, p in itertools.product(tps, pps):
-        if gpus % (t * p):
+    pps: list[tuple[int, Optional[int]]] = [
+        (p, None) for p in range(1, cfg.n_layers + 1) if cfg.n_layers % p == 0 and p <= 64]
+    pps += [(p, balanced_ends(cfg.n_layers, p)) for p in (4, 8, 16, 32, 64)
+            if cfg.n_layers % p and balanced_ends(cfg.n_layers, p)]
+    cps = [c for c in (1, 2, 4, 8, 16) if c == 1 or (seq >= 32768 and seq % (2 * c) == 0)]
+    for t, (p, ends), c in itertools.product(tps, pps, cps):
+        if gpus % (t * p * c):
             continue
-        d = gpus // (t * p)
+        d = gpus // (t * p * c)
         vps = [None] + [v for v in range(2, max_vp + 1) if p > 1]
         for vp, sp, mb, rc, dopt in itertools.product(vps, (False, True), micro_batches,
                                                       ("none", "selective", "full"),
                                                       (True, False)):
-            lay = PlanLayout(t, p, d, vp, sp, mb, rc, dopt)
+            lay = PlanLayout(t, p, d, vp, sp, mb, rc, dopt, c, ends, ends)
             try:
                 lay.parallel().check(cfg, gpus, mb, global_batch)
             except ConfigError:
                 continue
-            if sp and seq % t:
+            if (sp and (seq // c) % t) or seq % (2 * c if c > 1 else 1):
                 continue
             out.append(lay)
     return out
 
 
 def evaluate(cfg: LlamaConfig, lay: PlanLayout, seq: int, global_batch: int, gpu: GPUSpec,
-             efficiency: float = DEFAULT_EFFICIENCY, reserve_gb: float = 4.0) -> Candidate:
+             efficiency: Optional[float] = None, reserve_gb: float = 4.0) -> Candidate:
     from megatron_llama.training.metrics import flops_per_token
 
     mem = memory_per_gpu(cfg, lay, seq, global_batch // (lay.micro_batch * lay.dp))
@@ -173,7 +217,7 @@ def evaluate(cfg: LlamaConfig, lay: PlanLayout, seq: int, global_batch: int, gpu
 
 
 def plan(cfg: LlamaConfig, gpus: int, gpu: GPUSpec, seq: int, global_batch: int,
-         efficiency: float = DEFAULT_EFFICIENCY, reserve_gb: float = 4.0) -> list[Candidate]:
+         efficiency: Optional[float] = None, reserve_gb: float = 4.0) -> list[Candidate]:
     """All legal layouts: those that fit first, then by predicted tokens/s/GPU, then memory."""
     cands = [evaluate(cfg, lay, seq, global_batch, gpu, efficiency, reserve_gb)
              for lay in legal_layouts(cfg, gpus, global_batch, seq, gpu.gpus_per_node)]

@@ -68,13 +68,17 @@ def load_meta_state_dict(chunks: list, meta: dict, cfg: LlamaConfig, names: str 
     """Copy full Meta-named weights into this rank's chunks (its TP/PP/VP slice)."""
     from megatron.core import parallel_state
 
-    from megatron_llama.model.canonical import meta_to_megatron
+    from megatron_llama.model.canonical import chunk_layer_counts, meta_to_megatron
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     vp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    tconfig = _unwrap(chunks[0]).config  # uneven stages are recorded there
+    counts = chunk_layer_counts(cfg.n_layers, pp, vp, tconfig.num_layers_in_first_pipeline_stage,
+                                tconfig.num_layers_in_last_pipeline_stage,
+                                tconfig.account_for_embedding_in_pipeline_split)
     wanted = {_chunk_key(s): s for s in range(len(chunks))}
-    for key, state in meta_to_megatron(meta, cfg, tp, pp, vp, names):
+    for key, state in meta_to_megatron(meta, cfg, tp, pp, vp, names, counts):
         if key not in wanted:
             continue
         model = _unwrap(chunks[wanted[key]])

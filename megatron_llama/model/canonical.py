@@ -183,27 +183,71 @@ def vocab_to_meta(shards: list[torch.Tensor], cfg: LlamaConfig) -> torch.Tensor:
 
 
 # ---- pipeline placement ---------------------------------------------------------------------
-def chunk_layers(n_layers: int, pp: int, vp: Optional[int] = None) -> dict[tuple[int, int], range]:
-    """Global layer indices of each (pp_rank, vp_stage) model chunk, as megatron-core places them.
+def stage_layer_counts(n_layers: int, pp: int, first: Optional[int] = None,
+                       last: Optional[int] = None) -> list[int]:
+    """Transformer layers on each pipeline stage: ``first`` / ``last`` where given (megatron-
+    core's uneven pipeline), the remaining layers split evenly over the other stages."""
+    middle_stages = pp - (first is not None) - (last is not None)
+    middle = n_layers - (first or 0) - (last or 0)
+    counts = [middle // middle_stages if middle_stages > 0 else 0] * pp
+    if first is not None:
+        counts[0] = first
+    if last is not None:
+        counts[-1] = last
+    return counts
 
-    With V virtual stages, chunk v of pipeline rank p holds layers starting at
-    v * (L / V) + p * (L / (P * V)); megatron numbers them from 0 inside every chunk.
+
+def chunk_layer_counts(n_layers: int, pp: int, vp: Optional[int] = None,
+                       first: Optional[int] = None, last: Optional[int] = None,
+                       ends_as_layers: bool = False) -> dict[tuple[int, int], int]:
+    """Transformer layers in each (pp_rank, vp_stage) chunk, as megatron-core builds them.
+
+    Even by default; ``first`` / ``last``: uneven first and last stages (each split over its
+    V chunks); ``ends_as_layers``: the embedding and the loss count as one layer each
+    (megatron-core's account_for_embedding/loss_in_pipeline_split), so the first chunk of
+    stage 0 and the last chunk of the last stage hold one transformer layer less.
     """
     v = vp or 1
-    per_chunk = n_layers // (pp * v)
-    return {(p, s): range(s * (n_layers // v) + p * per_chunk,
-                          s * (n_layers // v) + (p + 1) * per_chunk)
-            for p in range(pp) for s in range(v)}
+    if ends_as_layers:
+        per = (n_layers + 2) // (pp * v)
+        counts = {(p, s): per for p in range(pp) for s in range(v)}
+        counts[(0, 0)] -= 1
+        counts[(pp - 1, v - 1)] -= 1
+        return counts
+    stages = stage_layer_counts(n_layers, pp, first, last)
+    return {(p, s): stages[p] // v for p in range(pp) for s in range(v)}
+
+
+def chunk_layers(n_layers: int, pp: int, vp: Optional[int] = None,
+                 counts: Optional[dict[tuple[int, int], int]] = None
+                 ) -> dict[tuple[int, int], range]:
+    """Global layer indices of each (pp_rank, vp_stage) model chunk, as megatron-core places them.
+
+    Layers are dealt out in virtual passes: pass v visits stages 0 .. P-1, each taking its
+    chunk's count (`chunk_layer_counts`; default L / (P V) each). So with 8 layers, PP=2,
+    VP=2, rank 0 holds 0-1 and 4-5. Megatron numbers layers from 0 inside every chunk.
+    """
+    v = vp or 1
+    counts = counts or chunk_layer_counts(n_layers, pp, vp)
+    out: dict[tuple[int, int], range] = {}
+    start = 0
+    for s in range(v):
+        for p in range(pp):
+            out[(p, s)] = range(start, start + counts[(p, s)])
+            start += counts[(p, s)]
+    return out
 
 
 def meta_to_megatron(meta: dict[str, torch.Tensor], cfg: LlamaConfig, tp: int = 1, pp: int = 1,
-                     vp: Optional[int] = None, names: str = "local"
+                     vp: Optional[int] = None, names: str = "local",
+                     counts: Optional[dict[tuple[int, int], int]] = None
                      ) -> Iterator[tuple[Shard, dict[str, torch.Tensor]]]:
     """Full Meta state dict -> ((pp_rank, vp_stage, tp_rank), megatron state dict) per chunk.
 
     Keys ending in ``rope.freqs`` (buffers in Meta's files, not parameters) are ignored.
+    ``counts``: layers per chunk when uneven (`chunk_layer_counts`).
     """
-    chunks = chunk_layers(cfg.n_layers, pp, vp)
+    chunks = chunk_layers(cfg.n_layers, pp, vp, counts)
     last_stage = (pp - 1, (vp or 1) - 1)
     emb = vocab_to_megatron(meta["tok_embeddings.weight"], cfg, tp)
     outp = vocab_to_megatron(meta["output.weight"], cfg, tp)
@@ -224,12 +268,14 @@ def meta_to_megatron(meta: dict[str, torch.Tensor], cfg: LlamaConfig, tp: int = 
 
 def megatron_to_meta(shards: dict[Shard, dict[str, torch.Tensor]], cfg: LlamaConfig,
                      tp: int = 1, pp: int = 1, vp: Optional[int] = None,
-                     names: str = "local") -> dict[str, torch.Tensor]:
+                     names: str = "local",
+                     counts: Optional[dict[tuple[int, int], int]] = None
+                     ) -> dict[str, torch.Tensor]:
     """Inverse of `meta_to_megatron`: every chunk's state dict -> full Meta state dict.
 
     Keys megatron adds that are not weights (``_extra_state``, rotary buffers) are ignored.
     """
-    chunks = chunk_layers(cfg.n_layers, pp, vp)
+    chunks = chunk_layers(cfg.n_layers, pp, vp, counts)
     last = (pp - 1, (vp or 1) - 1)
     out: dict[str, torch.Tensor] = {
         "tok_embeddings.weight": vocab_to_meta(

@@ -29,6 +29,10 @@ class Layout(Protocol):
     pp: int
     vp: Optional[int]
     sp: bool
+    cp: int
+    first_stage_layers: Optional[int]
+    last_stage_layers: Optional[int]
+    embedding_and_loss_as_layers: bool
 
 
 # Megatron pads the vocabulary to a multiple of (divisible_by * TP). 32 keeps LLaMA's 32000
@@ -276,6 +280,11 @@ def to_transformer_config(
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vp,
         sequence_parallel=layout.sp,
+        context_parallel_size=layout.cp,
+        num_layers_in_first_pipeline_stage=layout.first_stage_layers,
+        num_layers_in_last_pipeline_stage=layout.last_stage_layers,
+        account_for_embedding_in_pipeline_split=layout.embedding_and_loss_as_layers,
+        account_for_loss_in_pipeline_split=layout.embedding_and_loss_as_layers,
         params_dtype=dtypes[dtype],
         pipeline_dtype=dtypes[dtype],
         bf16=dtype == "bf16",

@@ -46,24 +46,36 @@ class PlanLayout:
     micro_batch: int = 1
     recompute: str = "none"            # none | selective | full
     distributed_optimizer: bool = True
+    cp: int = 1                        # context parallel: each sequence over cp ranks
+    first_stage_layers: Optional[int] = None   # uneven pipeline stages (ParallelLayout's)
+    last_stage_layers: Optional[int] = None
 
     @property
     def gpus(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.pp * self.dp * self.cp
+
+    def stage_layers(self, n_layers: int) -> list[int]:
+        return self.parallel().stage_layers(n_layers)
 
     def __post_init__(self) -> None:
         if self.recompute not in ("none", "selective", "full"):
             raise ConfigError(f"recompute must be none, selective or full, not {self.recompute!r}")
-        for name in ("tp", "pp", "dp", "micro_batch"):
+        for name in ("tp", "pp", "dp", "micro_batch", "cp"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
 
     def parallel(self) -> ParallelLayout:
-        return ParallelLayout(tp=self.tp, pp=self.pp, vp=self.vp, sp=self.sp)
+        return ParallelLayout(tp=self.tp, pp=self.pp, vp=self.vp, sp=self.sp, cp=self.cp,
+                              first_stage_layers=self.first_stage_layers,
+                              last_stage_layers=self.last_stage_layers)
 
     def describe(self) -> str:
         vp = f" VP={self.vp}" if self.vp else ""
-        return (f"TP={self.tp}{'+SP' if self.sp else ''} PP={self.pp}{vp} DP={self.dp} "
+        cp = f" CP={self.cp}" if self.cp > 1 else ""
+        ends = "/".join(str(n) for n in (self.first_stage_layers, self.last_stage_layers)
+                        if n is not None)
+        uneven = f" ({ends} at the ends)" if ends else ""
+        return (f"TP={self.tp}{'+SP' if self.sp else ''}{cp} PP={self.pp}{vp}{uneven} DP={self.dp} "
                 f"mb={self.micro_batch} rc={self.recompute}"
                 f"{' distopt' if self.distributed_optimizer else ''}")
 
@@ -84,9 +96,12 @@ class Memory:
         return self.weights + self.gradients + self.optimizer + self.activations + self.transient
 
 
-def stage_params(cfg: LlamaConfig, tp: int, pp: int, first: bool, last: bool) -> int:
-    """Parameters one GPU holds on a first / last pipeline stage (padded vocab, TP slice)."""
-    h, layers = cfg.dim, cfg.n_layers // pp
+def stage_params(cfg: LlamaConfig, tp: int, pp: int, first: bool, last: bool,
+                 layers: Optional[int] = None) -> int:
+    """Parameters one GPU holds on a first / last pipeline stage (padded vocab, TP slice) of
+    ``layers`` transformer layers (default: an even share)."""
+    h = cfg.dim
+    layers = cfg.n_layers // pp if layers is None else layers
     norms = 2 * h                                       # replicated across TP
     params = layers * ((cfg.layer_params() - norms) // tp + norms)
     vocab_rows = cfg.padded_vocab_size(tp) // tp
@@ -121,11 +136,15 @@ def activation_units(cfg: LlamaConfig, tp: int, sp: bool, recompute: str) -> flo
 
 def memory_per_gpu(cfg: LlamaConfig, lay: PlanLayout, seq: int, microbatches: int,
                    param_bytes: int = 2, act_bytes: Optional[int] = None) -> Memory:
-    """Predicted peak bytes per GPU for ``lay`` (see the module docstring), worst stage."""
+    """Predicted peak bytes per GPU for ``lay`` (see the module docstring), worst stage.
+
+    Context parallelism keeps s / cp tokens per rank and shards the distributed optimizer
+    over DP x CP; uneven stages are evaluated at their own layer counts."""
     act_bytes = act_bytes or param_bytes
-    h, s, b, t, p = cfg.dim, seq, lay.micro_batch, lay.tp, lay.pp
+    h, b, t, p = cfg.dim, lay.micro_batch, lay.tp, lay.pp
+    s = seq // lay.cp
     sbh = s * b * h
-    layers = cfg.n_layers // p
+    counts = lay.stage_layers(cfg.n_layers)
     in_flight = min(p, microbatches)
     if lay.vp and lay.vp > 1:
         in_flight *= 1 + (p - 1) / (p * lay.vp)
@@ -135,10 +154,15 @@ def memory_per_gpu(cfg: LlamaConfig, lay: PlanLayout, seq: int, microbatches: in
     recompute_buffer = full_layer if lay.recompute == "full" else 0.0
     optimizer_bytes = 8 + (4 if param_bytes != 4 else 0)
     results = []
-    for first, last in {(True, p == 1), (p == 1, True)}:
-        params = stage_params(cfg, t, p, first, last)
-        # the last stage holds one microbatch's activations at its peak (1F1B), the first p
-        stage_in_flight = in_flight if first else 1
+    stages = {(True, p == 1, 0), (p == 1, True, p - 1)}
+    if p > 2 and counts[1] > counts[0]:  # uneven: a fuller second stage may be the worst
+        stages.add((False, False, 1))
+    for first, last, index in stages:
+        layers = counts[index]
+        params = stage_params(cfg, t, p, first, last, layers)
+        # the last stage holds one microbatch's activations at its peak (1F1B), stage i
+        # about p - i
+        stage_in_flight = max(1.0, in_flight - index) if not last else 1
         acts = layers * per_layer * stage_in_flight
         logits = 0.0
         if last:
@@ -149,10 +173,11 @@ def memory_per_gpu(cfg: LlamaConfig, lay: PlanLayout, seq: int, microbatches: in
                 + rows * h * 4 + final_norm
         results.append(Memory(
             weights=params * param_bytes, gradients=params * 4.0,
-            optimizer=params * optimizer_bytes / (lay.dp if lay.distributed_optimizer else 1),
+            optimizer=params * optimizer_bytes / (lay.dp * lay.cp if lay.distributed_optimizer
+                                                  else 1),
             # the logits are freed before the backward reaches the recomputed layers
             activations=acts, transient=max(logits, recompute_buffer),
-            stage="first" if first else "last"))
+            stage="first" if first else "last" if last else "second"))
     return max(results, key=lambda m: m.total)
 
 
@@ -168,7 +193,9 @@ def run_memory(cfg, world_size: int, on_gpu: bool) -> Memory:
     layout = cfg.layout
     dp = layout.dp(world_size)
     lay = PlanLayout(tp=layout.tp, pp=layout.pp, dp=dp, vp=layout.vp, sp=layout.sp,
-                     micro_batch=cfg.micro_batch, recompute=cfg.recompute)
+                     micro_batch=cfg.micro_batch, recompute=cfg.recompute, cp=layout.cp,
+                     first_stage_layers=layout.first_stage_layers,
+                     last_stage_layers=layout.last_stage_layers)
     microbatches = max(1, cfg.global_batch // (cfg.micro_batch * dp))
     mem = memory_per_gpu(cfg.model, lay, cfg.seq_length, microbatches,
                          param_bytes=PARAM_BYTES[cfg.dtype])
