@@ -162,6 +162,27 @@ class ParallelLayout:
                               "even split")
 
 
+def check_context_parallel_host(cp: int) -> None:
+    """Refuse, with one line, ``--cp`` > 1 on a host that cannot run it: megatron-core's
+    context parallelism is ring attention inside Transformer Engine's fused attention (a
+    CUDA kernel; its local attention asserts CP = 1). `plan` and `sbatch` check the layout
+    itself anywhere; this is the check of the host that runs it."""
+    if cp == 1:
+        return
+    import torch
+
+    from megatron_llama.model.spec import transformer_engine_available
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--cp {cp}: context parallelism runs megatron-core's ring attention "
+                          "in Transformer Engine's CUDA attention kernels; this host has no GPU "
+                          "(use --cp 1 here)")
+    if not transformer_engine_available():
+        raise ConfigError(f"--cp {cp}: context parallelism needs Transformer Engine (pip install "
+                          "--no-build-isolation 'transformer_engine[pytorch]'); it does not "
+                          "import here")
+
+
 def _power_of_two_divisors(n: int) -> str:
     return ", ".join(str(d) for d in range(1, min(n, 64) + 1) if n % d == 0 and d & (d - 1) == 0)
 
@@ -239,12 +260,14 @@ def initialize(layout: ParallelLayout, seed: int = 1234) -> None:
     compat.install()
     process_tuning.tune_process()
     world = dist.get_world_size()
-    if world % layout.model_parallel_size:
-        raise ConfigError(f"world size {world} is not divisible by TP*PP={layout.model_parallel_size}")
+    if world % layout.ranks_per_replica:
+        raise ConfigError(f"world size {world} is not divisible by TP*PP*CP="
+                          f"{layout.ranks_per_replica}")
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vp,
+        context_parallel_size=layout.cp,
     )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)

@@ -51,7 +51,9 @@ def test_illegal_layouts_are_refused_and_never_enumerated():
     m33 = PRESETS["33B"].model
     lays = legal_layouts(m33, 2048, 2048, 2048)
     assert lays and all(52 % lay.tp == 0 for lay in lays)      # 33B: 52 heads, never TP=8
-    assert all(60 % (lay.pp * (lay.vp or 1)) == 0 for lay in lays)
+    for lay in lays:  # 60 layers: even splits divide them; uneven ones place all 60
+        assert sum(lay.parallel().chunk_counts(60).values()) == 60
+        assert lay.parallel().uneven or 60 % (lay.pp * (lay.vp or 1)) == 0
     assert all(2048 % (lay.micro_batch * lay.dp) == 0 for lay in lays)
     with pytest.raises(ConfigError, match="not divisible by TP=8"):
         PlanLayout(tp=8, pp=4, dp=64).parallel().check(m33, 2048, 1, 2048)
@@ -151,3 +153,41 @@ def test_reserve_gb_applies_to_every_enumerated_layout():
     assert any(c.fits for c in roomy)
     assert not any(c.fits for c in plan(PRESETS["7B"].model, 64, A100, 2048, 64,
                                          reserve_gb=79.9))
+
+
+# Llama 3 paper, Table 4: 405B on H100 in BF16: (GPUs, CP, DP, sequence, TFLOPs/GPU)
+LLAMA3_TABLE4 = [(8192, 1, 64, 8192, 430), (16384, 1, 128, 8192, 400),
+                 (16384, 16, 8, 131072, 380)]
+
+
+@pytest.mark.parametrize("gpus, cp, dp, seq, tflops", LLAMA3_TABLE4,
+                         ids=["8k-gpus-8k-ctx", "16k-gpus-8k-ctx", "16k-gpus-128k-ctx-cp16"])
+def test_plan_reproduces_llama3_table4(gpus, cp, dp, seq, tflops):
+    """The best fitting layout with Table 4's TP8 / CP / PP16 / DP, 16M-token batches, is
+    within 10 % of the TFLOPs/GPU Meta measured (126 layers on PP16: the embedding and loss
+    counted as layers, as Meta lightened the end stages)."""
+    cfg = PRESETS["llama3.1-405b"].model
+    cands = plan(cfg, gpus, GPUS["h100-80gb"], seq, 16 * 2**20 // seq)
+    table = [c for c in cands if c.fits and (c.layout.tp, c.layout.cp, c.layout.pp,
+                                             c.layout.dp) == (8, cp, 16, dp)]
+    assert table, "Table 4's layout is legal and fits"
+    best = table[0]
+    assert best.layout.ends_as_layers and best.layout.parallel().stage_layers(126)[0] < 8
+    assert best.tflops_per_gpu == pytest.approx(tflops, rel=0.10)
+
+
+def test_plan_for_405b_and_70bs_on_2048_gpus(capsys):
+    from megatron_llama.cli import main
+
+    for preset, seq in (("llama3.1-405b", 8192), ("llama3-70b", 8192), ("llama2-70b", 4096)):
+        cands = plan(PRESETS[preset].model, 2048, GPUS["h100-80gb"], seq, 16 * 2**20 // seq
+                     if preset.startswith("llama3") else 4 * 2**20 // seq)
+        best = cands[0]
+        assert best.fits and best.layout.gpus == 2048
+        # GQA: TP never exceeds the 8 KV heads
+        assert 8 % best.layout.tp == 0
+    assert main(["plan", "--preset", "llama3.1-405b", "--gpu", "h100-80gb", "--gpus", "2048",
+                 "--top", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "llama3.1-405b (405,853,388,800 parameters) on 2048 x H100" in out
+    assert "seq 131072" in out and "CP=" in out  # the preset's context: CP is searched

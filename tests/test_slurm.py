@@ -105,7 +105,8 @@ REFUSALS = [
      "global batch 2048 is not divisible by micro batch 3 x DP 64"),
     (["--preset", "65B", "--global-batch", "192"],
      "interleaved pipeline needs the number of microbatches (3) to be a multiple of PP=4"),
-    (["--preset", "65B", "--vp", "3"], "n_layers=80 is not divisible by PP*VP=12"),
+    (["--preset", "65B", "--vp", "3"], "n_layers=80 is not divisible by PP*VP=12 (uneven stages: "
+     "--embedding-and-loss-as-layers or --first-stage-layers / --last-stage-layers)"),
     (["--preset", "65B", "--gpus-per-node", "4"],
      "TP=8 does not fit the 4 tasks of a node: tensor parallelism must stay inside a node"),
     (["--preset", "7B", "--sp"], "sequence parallelism needs TP > 1"),
@@ -123,7 +124,9 @@ REFUSALS = [
      "partition 'gpu a100' has characters a #SBATCH line or path cannot hold (spaces, quotes, ...)"),
     (["--preset", "65B", "--", "--tp", "4"],
      "--tp is set by the script itself: use the sbatch flag of that name"),
-    (["--preset", "70B"], "unknown preset '70B'; choose from tiny, 7B, 13B, 33B, 65B"),
+    (["--preset", "70B"], "unknown preset '70B' (did you mean llama2-70b or llama3-70b or "
+     "llama3.1-70b?); choose from tiny, 7B, 13B, 33B, 65B, llama2-7b, llama2-13b, llama2-70b, "
+     "codellama-7b, llama3-8b, llama3-70b, llama3.1-8b, llama3.1-70b, llama3.1-405b"),
 ]
 
 
@@ -172,11 +175,43 @@ def test_time_limits():
 
 def test_one_template_shared_with_examples():
     """examples/slurm shows the package's files (no copies) and every paper preset has one."""
-    for name in ("llama.sbatch", "7B.env", "13B.env", "33B.env", "65B.env"):
+    family = ("llama2-70b", "llama3-70b", "llama3.1-405b")
+    for name in ("llama.sbatch", *(f"{p}.env" for p in (*PAPER_LAYOUTS, *family))):
         assert (REPO / "examples" / "slurm" / name).resolve() == slurm.TEMPLATE_DIR / name
-    for preset in PAPER_LAYOUTS:
+    for preset in (*PAPER_LAYOUTS, *family):
         values, _ = slurm.read_settings(slurm.TEMPLATE_DIR / f"{preset}.env")
-        assert set(values) == set(slurm.SETTING_KEYS)
+        assert set(values) == set(slurm.SETTING_KEYS) | set(slurm.OPTIONAL_SETTINGS)
+
+
+@pytest.mark.parametrize("preset, argv, summary, args", [
+    ("llama2-70b", [], "TP=8 (SP) PP=4 VP=2 DP=64, micro batch 1 x 16 microbatches = global "
+     "1024, 476,837 steps", []),
+    ("llama3-70b", [], "TP=8 (SP) PP=4 VP=2 DP=64, micro batch 1 x 8 microbatches = global 512",
+     []),
+    ("llama3.1-405b", [], "TP=8 (SP) PP=16 VP=4 (embedding and loss as layers) DP=16, micro "
+     "batch 1 x 128 microbatches = global 2048", ["--embedding-and-loss-as-layers"]),
+    # the Llama 3 paper's 128k layout: CP=16
+    ("llama3.1-405b", ["--cp", "16", "--seq-length", "131072", "--global-batch", "128"],
+     "TP=8 (SP) CP=16 PP=16 VP=4 (embedding and loss as layers) DP=1, micro batch 1 x 128 "
+     "microbatches = global 128", ["--cp", "16", "--embedding-and-loss-as-layers"]),
+])
+def test_family_presets_on_2048_gpus(preset, argv, summary, args, tmp_path, capsys):
+    code, out, err, script = sbatch(tmp_path, capsys, "--preset", preset, "--nodes", "256",
+                                    *DATA, *argv)
+    assert code == 0, err
+    assert f"{preset} on 256 nodes x 8 tasks = 2048, {summary}" in out
+    assert ("CP=16  # overridden" in script) == ("--cp" in argv)
+    # the pretrain flags the script builds, as bash expands them (settings, then ARGS)
+    settings = script.split("# ---- settings")[1].split("# ---- environment")[0]
+    training = script.split("# ---- training")[1].split("latest_step()")[0]
+    rendered = subprocess.run(["bash", "-c", "#" + settings + "#" + training
+                               + 'printf "%s\\n" "${ARGS[@]}"'],
+                              capture_output=True, text=True, check=True,
+                              env={"PATH": os.environ["PATH"]}).stdout.split()
+    for flag in args:
+        assert flag in rendered
+    assert rendered[rendered.index("--tp") + 1] == "8"
+    subprocess.run(["bash", "-n", str(tmp_path / "job.sbatch")], check=True)
 
 
 # ---- a real Slurm ------------------------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from megatron_llama.bench.planner import (
-    DEFAULT_EFFICIENCY,
     GB,
     GPUS,
     budget,
@@ -28,12 +27,13 @@ def _tokens(n: float) -> str:
 
 def _row(c, unit: float) -> str:
     mem, tm = c.memory, c.time
-    comm = tm.comm_bytes["tp"] + tm.comm_bytes["dp"] + tm.comm_bytes["pp"]
+    comm = sum(tm.comm_bytes.values())
     step = f"{tm.total:>8.2f}" if tm.total >= 0.01 else f"{tm.total:>8.1e}"
-    return (f"{c.layout.describe():<50}{mem.weights / unit:>7.1f}{mem.gradients / unit:>7.1f}"
+    return (f"{c.layout.describe():<70}{mem.weights / unit:>7.1f}{mem.gradients / unit:>7.1f}"
             f"{mem.optimizer / unit:>7.1f}{mem.activations / unit:>7.1f}"
             f"{mem.transient / unit:>7.1f}{mem.total / unit:>8.1f}{'' if c.fits else '!':<2}"
-            f"{comm / unit:>8.1f}{step}{c.tokens_per_s_per_gpu:>9.0f}{100 * c.mfu:>6.1f}%")
+            f"{comm / unit:>8.1f}{step}{c.tokens_per_s_per_gpu:>9.0f}{100 * c.mfu:>6.1f}%"
+            f"{c.tflops_per_gpu:>7.0f}")
 
 
 def _hours(h: float) -> str:
@@ -54,8 +54,9 @@ def format_plan(args, preset, gpu, cands, chosen, rates) -> str:
              f"{len(cands)} legal layouts, {sum(c.fits for c in cands)} fit in memory "
              f"(limit {gpu.memory_gb - args.reserve_gb:.0f} GB); best {args.top} by predicted "
              "tokens/s/GPU ('!' = does not fit):",
-             f"{'layout':<50}{'wts':>7}{'grads':>7}{'optim':>7}{'acts':>7}{'trans':>7}"
-             f"{uname:>8}{'':<2}{'comm ' + uname:>8}{'step s':>8}{'tok/s':>9}{'MFU':>7}"]
+             f"{'layout':<70}{'wts':>7}{'grads':>7}{'optim':>7}{'acts':>7}{'trans':>7}"
+             f"{uname:>8}{'':<2}{'comm ' + uname:>8}{'step s':>8}{'tok/s':>9}{'MFU':>7}"
+             f"{'TF/GPU':>7}"]
     lines += [_row(c, unit) for c in shown]
     t = chosen.time
     lines.append(f"chosen {chosen.layout.describe()}: compute {t.compute:.3g} s, bubble "
@@ -81,6 +82,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise ConfigError("--gpus must be positive")
     if args.top < 1:
         raise ConfigError("--top must be at least 1")
+    if args.efficiency is None:
+        args.efficiency = gpu.efficiency
     if not 0 < args.efficiency <= 1:
         raise ConfigError(f"--efficiency must be in (0, 1], not {args.efficiency}")
     args.seq_length = args.seq_length or preset.model.max_seq_len
@@ -119,14 +122,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def _layout(text: str) -> dict:
     """'tp=8,pp=4,vp=2,sp,mb=1,rc=selective,dp=64' -> PlanLayout fields."""
     names = {"tp": "tp", "pp": "pp", "dp": "dp", "vp": "vp", "mb": "micro_batch",
-             "rc": "recompute", "sp": "sp", "distopt": "distributed_optimizer"}
+             "rc": "recompute", "sp": "sp", "distopt": "distributed_optimizer", "cp": "cp",
+             "first": "first_stage_layers", "last": "last_stage_layers",
+             "ends": "ends_as_layers"}
     out: dict = {}
     for part in filter(None, text.split(",")):
         key, _, value = part.partition("=")
         if key not in names:
             raise argparse.ArgumentTypeError(f"unknown layout key {key!r} in {text!r}")
         field = names[key]
-        if field in ("sp", "distributed_optimizer"):
+        if field in ("sp", "distributed_optimizer", "ends_as_layers"):
             out[field] = value.lower() not in ("0", "false", "no") if value else True
         elif field == "recompute":
             out[field] = value
@@ -143,24 +148,28 @@ def add_command(subparsers) -> None:
         "GPU (weights, fp32 grads, Adam states, activations after Korthikanti et al. 2022, "
         "transient logits), communication and step time, rank them by predicted tokens/s/GPU and print "
         "days, GPU-hours, MWh and tCO2eq for the preset's token budget (paper, Table 15).")
-    p.add_argument("--preset", default="65B", help="tiny, 7B, 13B, 33B or 65B (65B)")
+    p.add_argument("--preset", default="65B",
+                   help="any preset of `megatron-llama info`: 7B .. 65B, llama2-70b, "
+                        "llama3-70b, llama3.1-405b, ... (65B)")
     p.add_argument("--gpus", type=int, default=2048, help="number of GPUs (2048)")
     p.add_argument("--gpu", default="a100-80gb",
                    help=f"GPU type: {', '.join(GPUS)} (a100-80gb, as the paper)")
     p.add_argument("--seq-length", type=int, default=None, help="tokens per sequence (2048)")
     p.add_argument("--global-batch", type=int, default=None,
                    help="sequences per step (default: 4M tokens / seq-length = 2048)")
-    p.add_argument("--efficiency", type=float, default=DEFAULT_EFFICIENCY,
-                   help=f"fraction of the dense peak matmuls and attention reach "
-                        f"({DEFAULT_EFFICIENCY}: calibrated so the paper's 65B run on 2048 "
-                        f"A100s predicts its measured 380 tokens/s/GPU)")
+    p.add_argument("--efficiency", type=float, default=None,
+                   help="fraction of the dense peak matmuls and attention reach (default: "
+                        "the GPU's calibration; A100 0.59: the LLaMA paper's 65B run on 2048 "
+                        "A100s predicts its measured 380 tokens/s/GPU; H100 0.76: fitted to "
+                        "the Llama 3 paper's 405B TFLOPs/GPU at 8k and 128k context)")
     p.add_argument("--reserve-gb", type=float, default=4.0,
                    help="GPU memory kept free for the CUDA context and fragmentation (4)")
     p.add_argument("--tokens-per-gpu-s", type=float, default=None,
                    help="also print the budget at this measured rate (the paper: 380 for 65B)")
     p.add_argument("--layout", type=_layout, default=None,
                    help="evaluate one layout instead of searching, e.g. "
-                        "'tp=8,sp,pp=4,vp=2,dp=64,mb=1,rc=selective'")
+                        "'tp=8,sp,pp=4,vp=2,dp=64,mb=1,rc=selective' (also cp=N, ends: the "
+                        "embedding and loss as layers, first=N / last=N: end-stage layers)")
     p.add_argument("--top", type=int, default=10, help="layouts to print (10)")
     p.add_argument("--json", default=None, help="also write the plan as JSON here")
     p.set_defaults(func=cmd_plan)

@@ -37,7 +37,7 @@ PUE = 1.1                 # paper, Table 15
 # At 0.59 the chosen 65B layout predicts 381; the GPU-hours of Table 15 then come out within
 # 3 % for 13B/33B/65B and 16 % low for 7B (its layout in the paper is not given).
 DEFAULT_EFFICIENCY = 0.59
-H100_EFFICIENCY = 0.55
+H100_EFFICIENCY = 0.76
 TCO2_PER_MWH = 0.385      # paper: US national average carbon intensity, tCO2eq / MWh
 GB = 1e9
 
@@ -53,14 +53,14 @@ class GPUSpec:
     intra_gbps: float       # NVLink collective bus bandwidth per GPU, GB/s
     inter_gbps: float       # network per GPU (one NIC each), GB/s
     gpus_per_node: int = 8
-    efficiency: float = 0.59  # fraction of the peak matmuls and attention reach (calibrated)
+    efficiency: float = DEFAULT_EFFICIENCY  # fraction of the peak the kernels reach
 
 
 GPUS = {
-    "a100-80gb": GPUSpec("A100-SXM4-80GB", 312.0, 80.0, 400.0, 240.0, 25.0),
-    "a100-40gb": GPUSpec("A100-SXM4-40GB", 312.0, 40.0, 400.0, 240.0, 25.0),
-    # H100: calibrated on the Llama 3 paper's Table 4 row 1 (405B, 8,192 GPUs, 430 TFLOPs/GPU);
-    # its other two rows are then predictions (tests/test_planner.py)
+    "a100-80gb": GPUSpec("A100-SXM4-80GB", 312.0, 80.0, 400.0, 240.0, 25.0, efficiency=DEFAULT_EFFICIENCY),
+    "a100-40gb": GPUSpec("A100-SXM4-40GB", 312.0, 40.0, 400.0, 240.0, 25.0, efficiency=DEFAULT_EFFICIENCY),
+    # H100: fitted to the Llama 3 paper's Table 4 (405B on 8,192 and 16,384 GPUs at 8k and
+    # 128k context: 430 / 400 / 380 TFLOPs/GPU), least worst-case error: -4 %, -6 %, +6 %
     "h100-80gb": GPUSpec("H100-SXM5-80GB", 989.0, 80.0, 700.0, 370.0, 50.0,
                          efficiency=H100_EFFICIENCY),
 }
@@ -157,8 +157,9 @@ class Candidate:
     memory: Memory
     time: StepTime
     tokens_per_s_per_gpu: float
-    mfu: float
+    mfu: float                 # PaLM's model FLOPs (attention counted in full)
     fits: bool
+    tflops_per_gpu: float = 0.0  # megatron-core's count (causal attention as half), Llama 3's
 
 
 def balanced_ends(n_layers: int, pp: int) -> Optional[int]:
@@ -177,16 +178,23 @@ def legal_layouts(cfg: LlamaConfig, gpus: int, global_batch: int, seq: int,
                   gpus_per_node: int = 8, micro_batches=(1, 2, 4),
                   max_vp: int = 4) -> list[PlanLayout]:
     """Every layout `ParallelLayout.check` accepts for ``gpus`` (TP within a node): pipeline
-    sizes that divide the layers, and powers of two with lighter first/last stages
-    (`balanced_ends`); context parallelism from 32k-token sequences on."""
+    sizes that divide the layers, and powers of two with lighter first and last stages (the
+    embedding and loss counted as layers, else `balanced_ends`); context parallelism from
+    32k-token sequences on."""
     out = []
     tps = [t for t in (1, 2, 4, 8, 16) if t <= gpus_per_node]
-    pps: list[tuple[int, Optional[int]]] = [
-        (p, None) for p in range(1, cfg.n_layers + 1) if cfg.n_layers % p == 0 and p <= 64]
-    pps += [(p, balanced_ends(cfg.n_layers, p)) for p in (4, 8, 16, 32, 64)
-            if cfg.n_layers % p and balanced_ends(cfg.n_layers, p)]
+    # (pp, layers on each end stage, embedding and loss counted as layers)
+    pps: list[tuple[int, Optional[int], bool]] = [
+        (p, None, False) for p in range(1, cfg.n_layers + 1) if cfg.n_layers % p == 0 and p <= 64]
+    for p in (4, 8, 16, 32, 64):
+        if cfg.n_layers % p == 0:
+            continue
+        if (cfg.n_layers + 2) % p == 0:
+            pps.append((p, None, True))
+        elif balanced_ends(cfg.n_layers, p):
+            pps.append((p, balanced_ends(cfg.n_layers, p), False))
     cps = [c for c in (1, 2, 4, 8, 16) if c == 1 or (seq >= 32768 and seq % (2 * c) == 0)]
-    for t, (p, ends), c in itertools.product(tps, pps, cps):
+    for t, (p, ends, as_layers), c in itertools.product(tps, pps, cps):
         if gpus % (t * p * c):
             continue
         d = gpus // (t * p * c)
@@ -194,7 +202,7 @@ def legal_layouts(cfg: LlamaConfig, gpus: int, global_batch: int, seq: int,
         for vp, sp, mb, rc, dopt in itertools.product(vps, (False, True), micro_batches,
                                                       ("none", "selective", "full"),
                                                       (True, False)):
-            lay = PlanLayout(t, p, d, vp, sp, mb, rc, dopt, c, ends, ends)
+            lay = PlanLayout(t, p, d, vp, sp, mb, rc, dopt, c, ends, ends, as_layers)
             try:
                 lay.parallel().check(cfg, gpus, mb, global_batch)
             except ConfigError:
@@ -213,7 +221,9 @@ def evaluate(cfg: LlamaConfig, lay: PlanLayout, seq: int, global_batch: int, gpu
     tm = step_time(cfg, lay, seq, global_batch, gpu, efficiency)
     tok = global_batch * seq / tm.total / lay.gpus
     mfu = tok * flops_per_token(cfg, seq) / (gpu.peak_tflops * 1e12)
-    return Candidate(lay, mem, tm, tok, mfu, mem.total <= (gpu.memory_gb - reserve_gb) * GB)
+    tflops = tok * flops_per_token(cfg, seq, causal_half=True) / 1e12
+    return Candidate(lay, mem, tm, tok, mfu, mem.total <= (gpu.memory_gb - reserve_gb) * GB,
+                     tflops)
 
 
 def plan(cfg: LlamaConfig, gpus: int, gpu: GPUSpec, seq: int, global_batch: int,

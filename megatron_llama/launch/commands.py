@@ -33,7 +33,8 @@ def cmd_sbatch(args: argparse.Namespace) -> int:
     overrides = dict(TP=args.tp, PP=args.pp, VP=args.vp, SP=args.sp, MICRO_BATCH=args.micro_batch,
                      GLOBAL_BATCH=args.global_batch, SEQ_LENGTH=args.seq_length,
                      RECOMPUTE=args.recompute, SAVE_INTERVAL=args.save_interval,
-                     EVAL_INTERVAL=args.eval_interval, SIGNAL_SECONDS=args.signal_seconds)
+                     EVAL_INTERVAL=args.eval_interval, SIGNAL_SECONDS=args.signal_seconds,
+                     CP=args.cp, ENDS_AS_LAYERS=args.embedding_and_loss_as_layers)
     script, s = render_script(args.preset, cluster, overrides, data=absolute(args.data),
                               tokenizer=absolute(args.tokenizer), synthetic=args.synthetic,
                               checkpoint_dir=absolute(args.checkpoint_dir),
@@ -54,9 +55,11 @@ def cmd_sbatch(args: argparse.Namespace) -> int:
         os.makedirs(cluster.run_root)  # sbatch does not create the folder of its --output
         print(f"created {cluster.run_root} (job logs and per-job folders)")
     vp = f" VP={s['vp']}" if s["vp"] else ""
+    cp = f" CP={s['cp']}" if s["cp"] != "1" else ""
+    ends = " (embedding and loss as layers)" if s["ends_as_layers"] == "1" else ""
     print(f"wrote {output}: {s['preset']} on {cluster.nodes} nodes x {cluster.ntasks_per_node} "
-          f"tasks = {s['world_size']}, TP={s['tp']}{' (SP)' if s['sp'] == '1' else ''} "
-          f"PP={s['pp']}{vp} DP={s['dp']}, micro batch {s['micro_batch']} x "
+          f"tasks = {s['world_size']}, TP={s['tp']}{' (SP)' if s['sp'] == '1' else ''}{cp} "
+          f"PP={s['pp']}{vp}{ends} DP={s['dp']}, micro batch {s['micro_batch']} x "
           f"{s['microbatches']} microbatches = global {s['global_batch']}, "
           f"{s['train_steps']:,} steps")
     print(f"submit with: sbatch {output}")
@@ -79,7 +82,9 @@ def add_command(subparsers) -> None:
         "/scratch/llama --output llama-65B.sbatch && sbatch llama-65B.sbatch. Extra pretrain "
         "flags go after `--`.")
     c = p.add_argument_group("cluster")
-    c.add_argument("--preset", required=True, help="7B, 13B, 33B, 65B (settings files) or tiny")
+    c.add_argument("--preset", required=True,
+                   help="a preset with a settings file (7B, 13B, 33B, 65B, llama2-70b, "
+                        "llama3-70b, llama3.1-405b) or any other preset (plain defaults)")
     c.add_argument("--nodes", type=int, required=True, help="number of nodes")
     c.add_argument("--gpus-per-node", type=int, default=8,
                    help="GPUs per node, one task each (8); 0 = CPU nodes (gloo)")
@@ -118,6 +123,11 @@ def add_command(subparsers) -> None:
                      help="virtual pipeline stages per rank (0 or 1: none)")
     lay.add_argument("--sp", action=argparse.BooleanOptionalAction, default=None,
                      help="sequence parallelism on/off (--no-sp)")
+    lay.add_argument("--cp", type=int, default=None,
+                     help="context-parallel size (GPUs with Transformer Engine; long context)")
+    lay.add_argument("--embedding-and-loss-as-layers", action=argparse.BooleanOptionalAction,
+                     default=None, help="count the embedding and the loss as a layer each "
+                                        "when splitting layers over pipeline stages")
     lay.add_argument("--micro-batch", type=int, default=None, help="sequences per microbatch")
     lay.add_argument("--global-batch", type=int, default=None, help="sequences per step")
     lay.add_argument("--seq-length", type=int, default=None, help="tokens per sequence")

@@ -28,11 +28,13 @@ TEMPLATE = TEMPLATE_DIR / "llama.sbatch"
 INT_KEYS = ("TP", "PP", "MICRO_BATCH", "GLOBAL_BATCH", "SEQ_LENGTH", "SAVE_INTERVAL",
             "EVAL_INTERVAL", "SIGNAL_SECONDS")
 SETTING_KEYS = INT_KEYS + ("VP", "SP", "RECOMPUTE")
+# settings a file may leave out (older files; the 7B-65B presets need neither)
+OPTIONAL_SETTINGS = {"CP": "1", "ENDS_AS_LAYERS": "0"}
 # pretrain flags the script sets itself; refused among the extra pretrain arguments.
 OWNED_FLAGS = ("--preset", "--tp", "--pp", "--vp", "--sp", "--micro-batch", "--global-batch",
                "--seq-length", "--train-steps", "--recompute", "--save", "--save-interval",
                "--load", "--eval-interval", "--data", "--tokenizer", "--synthetic",
-               "--nproc-per-node")
+               "--nproc-per-node", "--cp", "--embedding-and-loss-as-layers")
 _SAFE = re.compile(r"^[A-Za-z0-9_.,:+@/=-]+$")  # values that go on #SBATCH lines unquoted
 _TIME = re.compile(r"^(?:(\d+)-(\d+)(?::(\d+))?(?::(\d+))?|(\d+)(?::(\d+))?(?::(\d+))?)$")
 
@@ -84,13 +86,18 @@ def read_settings(path: Path) -> tuple[dict[str, str], list[str]]:
         if not body:
             continue
         key, sep, value = body.partition("=")
-        if not sep or key not in SETTING_KEYS:
+        if not sep or (key not in SETTING_KEYS and key not in OPTIONAL_SETTINGS):
             raise ConfigError(f"{path}:{number}: expected KEY=VALUE with KEY in "
-                              f"{', '.join(SETTING_KEYS)}, got {line.strip()!r}")
+                              f"{', '.join(SETTING_KEYS + tuple(OPTIONAL_SETTINGS))}, got "
+                              f"{line.strip()!r}")
         values[key] = value.strip()
     missing = [k for k in SETTING_KEYS if k not in values]
     if missing:
         raise ConfigError(f"{path}: missing setting(s) {', '.join(missing)}")
+    for key, default in OPTIONAL_SETTINGS.items():
+        if key not in values:
+            values[key] = default
+            lines.append(f"{key}={default}")
     return values, lines
 
 
@@ -108,8 +115,9 @@ def preset_settings(preset: str) -> tuple[dict[str, str], list[str]]:
     values = dict(TP="1", PP="1", VP="", SP="0", MICRO_BATCH="1",
                   GLOBAL_BATCH=str(max(1, p.batch_tokens // seq)), SEQ_LENGTH=str(seq),
                   RECOMPUTE="none", SAVE_INTERVAL="1000", EVAL_INTERVAL="0", SIGNAL_SECONDS="120")
+    values.update(OPTIONAL_SETTINGS)
     lines = [f"# {p.name}: no settings file; defaults (no model parallelism)"]
-    return values, lines + [f"{k}={values[k]}" for k in SETTING_KEYS]
+    return values, lines + [f"{k}={values[k]}" for k in (*SETTING_KEYS, *OPTIONAL_SETTINGS)]
 
 
 def apply_overrides(values: dict[str, str], lines: list[str],
@@ -119,9 +127,9 @@ def apply_overrides(values: dict[str, str], lines: list[str],
     for key, value in overrides.items():
         if value is None:
             continue
-        if key not in SETTING_KEYS:
+        if key not in SETTING_KEYS and key not in OPTIONAL_SETTINGS:
             raise ConfigError(f"unknown setting {key}")
-        if key == "SP":
+        if key in ("SP", "ENDS_AS_LAYERS"):
             value = "1" if value else "0"
         elif key == "VP" and int(value) <= 1:  # type: ignore[arg-type]
             value = ""
@@ -182,8 +190,10 @@ def check_run(preset: str, values: dict[str, str], cluster: Cluster,
     if cluster.container and cluster.venv:
         raise ConfigError("choose a container or a virtualenv, not both")
     ints = {k: _int_setting(values, k) for k in INT_KEYS}
-    if values["SP"] not in ("0", "1"):
-        raise ConfigError(f"SP must be 0 or 1, got {values['SP']!r}")
+    for key in ("SP", "ENDS_AS_LAYERS"):
+        if values[key] not in ("0", "1"):
+            raise ConfigError(f"{key} must be 0 or 1, got {values[key]!r}")
+    cp = _int_setting(values, "CP")
     if values["VP"] and not values["VP"].isdigit():
         raise ConfigError(f"VP must be empty or an integer, got {values['VP']!r}")
     if values["RECOMPUTE"] not in ("none", "selective", "full"):
@@ -204,7 +214,8 @@ def check_run(preset: str, values: dict[str, str], cluster: Cluster,
         raise ConfigError("sequence length, micro and global batch must be positive")
     steps = train_steps if train_steps is not None else max(1, p.train_tokens // (global_batch * seq))
     layout = ParallelLayout(tp=tp, pp=ints["PP"], vp=int(values["VP"]) if values["VP"] else None,
-                            sp=values["SP"] == "1")
+                            sp=values["SP"] == "1", cp=cp,
+                            embedding_and_loss_as_layers=values["ENDS_AS_LAYERS"] == "1")
     TrainConfig(model=p.model, layout=layout, seq_length=seq, micro_batch=ints["MICRO_BATCH"],
                 global_batch=global_batch, train_steps=steps).check(cluster.world_size)
     return steps
@@ -277,7 +288,7 @@ def render_script(preset: str, cluster: Cluster, overrides: Optional[dict] = Non
         environment = ["SRUN_OPTIONS=()  # megatron-llama from the submitting shell's PATH "
                        "(sbatch exports the environment)"]
     data_args = ["--synthetic"] if synthetic else ["--data", data, "--tokenizer", tokenizer]
-    layout_dp = cluster.world_size // (int(values["TP"]) * int(values["PP"]))
+    layout_dp = cluster.world_size // (int(values["TP"]) * int(values["PP"]) * int(values["CP"]))
     script = _fill(TEMPLATE.read_text(encoding="utf-8"), {
         "job_name": cluster.job_name or f"llama-{name}", "nodes": str(cluster.nodes),
         "tasks_per_node": str(cluster.ntasks_per_node), "time": cluster.time,
@@ -289,5 +300,5 @@ def render_script(preset: str, cluster: Cluster, overrides: Optional[dict] = Non
         "extra_args": " ".join(q(a) for a in extra_args)})
     summary = dict(preset=name, world_size=cluster.world_size, dp=layout_dp, train_steps=steps,
                    microbatches=int(values["GLOBAL_BATCH"]) // (int(values["MICRO_BATCH"]) * layout_dp),
-                   **{k.lower(): values[k] for k in SETTING_KEYS})
+                   **{k.lower(): values[k] for k in (*SETTING_KEYS, *OPTIONAL_SETTINGS)})
     return script, summary

@@ -109,7 +109,9 @@ def get_preset(name: str) -> Preset:
     for preset_name, preset in PRESETS.items():
         if preset_name.lower() == key.lower():
             return preset
-    raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    sized = [p for p in PRESETS if p.lower().endswith("-" + name.lower())]
+    hint = f" (did you mean {' or '.join(sized)}?)" if sized else ""
+    raise ConfigError(f"unknown preset {name!r}{hint}; choose from {', '.join(PRESETS)}")
 
 
 def preset_of(cfg: LlamaConfig) -> Optional[Preset]:

@@ -49,6 +49,7 @@ class PlanLayout:
     cp: int = 1                        # context parallel: each sequence over cp ranks
     first_stage_layers: Optional[int] = None   # uneven pipeline stages (ParallelLayout's)
     last_stage_layers: Optional[int] = None
+    ends_as_layers: bool = False               # embedding and loss counted as layers
 
     @property
     def gpus(self) -> int:
@@ -67,14 +68,16 @@ class PlanLayout:
     def parallel(self) -> ParallelLayout:
         return ParallelLayout(tp=self.tp, pp=self.pp, vp=self.vp, sp=self.sp, cp=self.cp,
                               first_stage_layers=self.first_stage_layers,
-                              last_stage_layers=self.last_stage_layers)
+                              last_stage_layers=self.last_stage_layers,
+                              embedding_and_loss_as_layers=self.ends_as_layers)
 
     def describe(self) -> str:
         vp = f" VP={self.vp}" if self.vp else ""
         cp = f" CP={self.cp}" if self.cp > 1 else ""
         ends = "/".join(str(n) for n in (self.first_stage_layers, self.last_stage_layers)
                         if n is not None)
-        uneven = f" ({ends} at the ends)" if ends else ""
+        uneven = (" (emb+loss as layers)" if self.ends_as_layers
+                  else f" ({ends} at the ends)" if ends else "")
         return (f"TP={self.tp}{'+SP' if self.sp else ''}{cp} PP={self.pp}{vp}{uneven} DP={self.dp} "
                 f"mb={self.micro_batch} rc={self.recompute}"
                 f"{' distopt' if self.distributed_optimizer else ''}")
@@ -195,7 +198,8 @@ def run_memory(cfg, world_size: int, on_gpu: bool) -> Memory:
     lay = PlanLayout(tp=layout.tp, pp=layout.pp, dp=dp, vp=layout.vp, sp=layout.sp,
                      micro_batch=cfg.micro_batch, recompute=cfg.recompute, cp=layout.cp,
                      first_stage_layers=layout.first_stage_layers,
-                     last_stage_layers=layout.last_stage_layers)
+                     last_stage_layers=layout.last_stage_layers,
+                     ends_as_layers=layout.embedding_and_loss_as_layers)
     microbatches = max(1, cfg.global_batch // (cfg.micro_batch * dp))
     mem = memory_per_gpu(cfg.model, lay, cfg.seq_length, microbatches,
                          param_bytes=PARAM_BYTES[cfg.dtype])

@@ -155,8 +155,13 @@ class TrainConfig:
         if self.seq_length > self.model.max_seq_len:
             raise ConfigError(f"seq_length {self.seq_length} exceeds the model's max_seq_len "
                               f"{self.model.max_seq_len}")
-        if self.layout.sp and self.seq_length % self.layout.tp:
-            raise ConfigError(f"sequence parallelism needs seq_length divisible by TP={self.layout.tp}")
+        if self.layout.sp and (self.seq_length // self.layout.cp) % self.layout.tp:
+            raise ConfigError(f"sequence parallelism needs seq_length / CP divisible by "
+                              f"TP={self.layout.tp}")
+        if self.layout.cp > 1 and self.seq_length % (2 * self.layout.cp):
+            raise ConfigError(f"context parallelism splits each sequence into 2 x CP = "
+                              f"{2 * self.layout.cp} chunks: seq_length {self.seq_length} is "
+                              "not divisible")
         if self.nan_policy not in ("skip", "stop"):
             raise ConfigError(f"nan policy must be skip or stop, got {self.nan_policy!r}")
         if self.train_steps < 1:

@@ -81,6 +81,9 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.layout.sp:
         raise ConfigError("--engine deepspeed runs without --sp: the sequence-parallel norm "
                           "gradient reduction belongs to megatron-core's DDP")
+    if cfg.layout.cp > 1:
+        raise ConfigError("--engine deepspeed runs without --cp: context parallelism's "
+                          "gradient averaging over DP x CP belongs to megatron-core's DDP")
     if cfg.async_save:
         raise ConfigError("--async-save is megatron-core's asynchronous dist_checkpointing; "
                           "the DeepSpeed engine saves synchronously (drop --async-save)")

@@ -56,11 +56,51 @@ def wrap_ddp(chunks: list, tconfig, *, use_distributed_optimizer: bool = False,
 
 def _forward_step(data_iterator, model, poison: bool = False):
     """One microbatch: tokens [b, s], labels [b, s] -> per-token loss [b, s] and its reducer."""
+    from megatron.core import parallel_state
+
     batch = next(data_iterator)
     tokens, labels = batch["tokens"], batch["labels"]
     position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    if parallel_state.get_context_parallel_world_size() > 1:
+        tokens, labels, position_ids, mask = context_parallel_slice(
+            tokens, labels, position_ids, batch.get("loss_mask"))
+        output = model(tokens, position_ids, None, labels=labels)
+        return output, partial(context_parallel_lm_loss, loss_mask=mask, poison=poison)
     output = model(tokens, position_ids, None, labels=labels)
     return output, partial(lm_loss, loss_mask=batch.get("loss_mask"), poison=poison)
+
+
+def context_parallel_slice(tokens, labels, position_ids, loss_mask=None):
+    """This CP rank's share of a microbatch [b, s] -> [b, s / cp]: chunks i and 2 cp - 1 - i
+    of 2 cp (megatron-core's split, which balances the causal attention work)."""
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    if loss_mask is None:
+        loss_mask = torch.ones_like(labels, dtype=torch.float32)
+    part = get_batch_on_this_cp_rank({"tokens": tokens, "labels": labels,
+                                      "position_ids": position_ids, "loss_mask": loss_mask})
+    return part["tokens"], part["labels"], part["position_ids"], part["loss_mask"]
+
+
+def context_parallel_lm_loss(per_token_loss: torch.Tensor, loss_mask: torch.Tensor,
+                             poison: bool = False):
+    """`lm_loss` when each CP rank holds part of every sequence: token sums and counts are
+    summed over the CP group, so every rank reports the microbatch's mean loss; the loss
+    it differentiates is its own tokens' share times CP, because megatron-core averages
+    gradients over DP x CP ranks."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    per_token_loss = per_token_loss.float()
+    if poison:
+        per_token_loss = per_token_loss * float("nan")
+    mask = loss_mask.float()
+    local = torch.stack([(per_token_loss * mask).sum(), mask.sum()])
+    total = local.detach().clone()
+    dist.all_reduce(total, group=parallel_state.get_context_parallel_group())
+    count = total[1].clamp(min=1.0)
+    loss = local[0] / count * parallel_state.get_context_parallel_world_size()
+    return loss, {"lm loss": (total[0] / count).detach().clone()}
 
 
 def forward_backward(chunks: list, tconfig, microbatches: list[dict], *, seq_length: int,
@@ -149,6 +189,12 @@ class MegatronEngine(Engine):
     """megatron-core's DDP + distributed optimizer + schedules for one run (all layouts)."""
 
     name = "megatron"
+
+    @classmethod
+    def check(cls, cfg: TrainConfig) -> None:
+        from megatron_llama.parallel import check_context_parallel_host
+
+        check_context_parallel_host(cfg.layout.cp)
 
     def __init__(self, cfg: TrainConfig, chunks: list, tconfig):
         self.cfg, self.tconfig = cfg, tconfig
