@@ -295,7 +295,12 @@ def write_megatron(output: str, source: WeightSource, *, dtype: Optional[torch.d
     from megatron_llama.parallel import ParallelLayout
 
     cfg = source.config
-    ParallelLayout(tp=tp, pp=pp).check(cfg)
+    even = ParallelLayout(tp=tp, pp=pp)
+    ends = ParallelLayout(tp=tp, pp=pp, embedding_and_loss_as_layers=True)
+    if cfg.n_layers % pp and pp > 1 and (cfg.n_layers + 2) % pp == 0:
+        ends.check(cfg)  # e.g. 405B's 126 layers on PP=16, as pretrain runs it
+    else:
+        even.check(cfg)
     dtype = dtype or source.dtype
     names = "te" if default_layer_backend() == "te" else "local"
     current: dict = {"layer": None, "tensors": {}}
