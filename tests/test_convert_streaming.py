@@ -83,9 +83,9 @@ class Tracked(MetaCheckpoint):
     def _freed(self, nbytes):
         self.live -= nbytes
 
-    def part(self, name, index, count):  # MetaCheckpoint.tensor(name) is part(name, 0, 1)
+    def part(self, name, index, count, embedding_dim=1):  # tensor(name): part(name, 0, 1, ...)
         self.calls[name] = self.calls.get(name, 0) + 1
-        return self._track(super().part(name, index, count))
+        return self._track(super().part(name, index, count, embedding_dim))
 
 
 def layer_bytes(cfg, dtype_size=2):
