@@ -155,6 +155,10 @@ class ParallelLayout:
         middle_stages = self.pp - (self.first_stage_layers is not None) - (
             self.last_stage_layers is not None)
         middle = n_layers - (self.first_stage_layers or 0) - (self.last_stage_layers or 0)
+        if self.vp and middle_stages == 0:
+            raise ConfigError(f"with --vp, uneven stages need a middle stage: PP={self.pp} with "
+                              "both --first-stage-layers and --last-stage-layers leaves none "
+                              "(set one of them, or raise PP)")
         if middle < 0 or bool(middle) != bool(middle_stages) or (
                 middle_stages and middle % (middle_stages * v)):
             raise ConfigError(f"n_layers={n_layers} minus the first/last stage layers leaves "

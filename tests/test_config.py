@@ -240,3 +240,32 @@ def test_uneven_pipeline_rules(layout, error):
         return
     with pytest.raises(ConfigError, match=error):
         lay.check(cfg)
+
+
+def test_vp_with_both_end_stages_on_pp2_is_refused():
+    cfg = LlamaConfig(dim=64, n_layers=8, n_heads=4, vocab_size=64)
+    with pytest.raises(ConfigError, match="with --vp, uneven stages need a middle stage"):
+        ParallelLayout(pp=2, vp=2, first_stage_layers=2, last_stage_layers=6).check(cfg)
+    ParallelLayout(pp=2, vp=2, first_stage_layers=2).check(cfg)
+
+
+def test_checkpoint_metadata_of_older_versions_is_the_same_model():
+    """A checkpoint written before the family's fields existed records fewer of them."""
+    from megatron_llama.model.config import model_differences
+
+    cfg = get_preset("7B").model
+    old = {"dim": 4096, "n_layers": 32, "n_heads": 32, "vocab_size": 32000}
+    assert model_differences(old, cfg.to_params_json(meta_style=False)) == []
+    assert model_differences(old, cfg.replace(rope_theta=1e6).to_params_json(
+        meta_style=False)) == ["rope_theta"]
+
+
+def test_release_shapes_default_to_metas_file_counts():
+    from megatron_llama.convert.run import default_meta_shards
+
+    assert default_meta_shards(get_preset("llama3.1-405b").model, 1) == 8
+    assert default_meta_shards(get_preset("llama3-8b").model, 4) == 1
+    assert default_meta_shards(get_preset("65B").model, 1) == 8
+    assert default_meta_shards(LlamaConfig(dim=64, n_layers=2, n_heads=4, vocab_size=9), 2) == 2
+    assert get_preset("llama3.1-405b").seq_length == 8192  # pretraining length, not 131072
+    assert get_preset("llama2-7b").seq_length == 4096

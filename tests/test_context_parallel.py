@@ -8,6 +8,9 @@ loss and, after megatron-core's DP x CP gradient averaging, the gradient of that
 
 from __future__ import annotations
 
+from functools import partial
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -17,6 +20,8 @@ SEQ = 16
 
 
 def cp_worker(rank, world, workdir):
+    from megatron.core.pipeline_parallel.schedules import forward_step_calc_loss
+
     from megatron_llama.parallel import ParallelLayout, destroy, init_distributed, initialize
     from megatron_llama.training.engines.megatron_core import (
         context_parallel_lm_loss,
@@ -34,7 +39,14 @@ def cp_worker(rank, world, workdir):
         positions = torch.arange(SEQ).expand_as(tokens)
         t, lab, pos, m = context_parallel_slice(tokens, labels, positions, mask)
         mine = per_token[:, pos[0]].clone().requires_grad_(True)
-        loss, report = context_parallel_lm_loss(mine, m)
+        # through megatron-core's own loss step (it scales a two-value loss by CP)
+        store: list = []
+        loss = forward_step_calc_loss(
+            torch.nn.Module(), mine, partial(context_parallel_lm_loss, loss_mask=m),
+            SimpleNamespace(calculate_per_token_loss=False, timers=None), None, False, 1,
+            store, cp_group_size=2, is_last_stage=True)
+        loss = loss[0] if isinstance(loss, tuple) else loss
+        report = store[0]
         loss.backward()
         grad = torch.zeros(2, SEQ)
         grad[:, pos[0]] = mine.grad

@@ -324,7 +324,7 @@ def test_slurm_job_requeued_after_signal_and_resumed_from_checkpoint(preempted_j
     out = preempted_job["output"]
     assert "restart 0:" in out and "SIGUSR1 (time limit or preemption ahead)" in out
     assert f"stopped at checkpoint step {k} of {TRAIN_STEPS} (srun exit 0): requeueing" in out
-    assert f"restart 1: tiny on 2 nodes (2 tasks), TP=1 PP=2 VP=1 SP=0, checkpoint step {k}" in out
+    assert f"restart 1: tiny on 2 nodes (2 tasks), TP=1 PP=2 VP=1 SP=0 CP=1, checkpoint step {k}" in out
     # every step logged exactly once across the two runs: the second continued the first
     records = preempted_job["records"]
     assert [r["step"] for r in records] == list(range(1, TRAIN_STEPS + 1))

@@ -207,9 +207,12 @@ def test_checkpoint_on_sigusr1_and_clean_exit(tmp_path, engine):
             except psutil.Error:
                 return ""
 
-        workers = [p for p in psutil.Process(launcher.pid).children(recursive=True)
-                   if "megatron_llama.cli" in cmdline(p)
-                   and "torch.distributed.run" not in cmdline(p)]
+        found = [p for p in psutil.Process(launcher.pid).children(recursive=True)
+                 if "megatron_llama.cli" in cmdline(p)
+                 and "torch.distributed.run" not in cmdline(p)]
+        # the ranks, not processes they forked (a checkpoint writer has their command line)
+        pids = {p.pid for p in found}
+        workers = [p for p in found if p.ppid() not in pids]
         assert len(workers) == 2
         # As Slurm does with --signal=USR1@T: every process of the step gets it, also the
         # helper processes dist_checkpointing started at the earlier saves.

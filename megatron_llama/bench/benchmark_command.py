@@ -29,7 +29,7 @@ def bench_config_from_args(args: argparse.Namespace, **changes):
                                    ("vocab_size", args.vocab_size),
                                    ("multiple_of", args.multiple_of)) if v is not None}
     model = preset.model.replace(**overrides)
-    seq = args.seq_length or model.max_seq_len
+    seq = args.seq_length or min(preset.seq_length, model.max_seq_len)
     if seq > model.max_seq_len:
         model = model.replace(max_seq_len=seq)
     values = dict(tp=args.tp, pp=args.pp, vp=args.vp, sp=args.sp, dp=args.dp,
@@ -149,7 +149,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         rows = run_sweep(args, csv_path)
         write_csv(rows, csv_path)
         print(format_sweep(rows))
-        seq = args.seq_length or get_preset(args.preset).model.max_seq_len
+        seq = args.seq_length or get_preset(args.preset).seq_length
         title = f"{args.preset} sweep, seq {seq}, CPU ({os.cpu_count()} cores)"
         png = write_chart(rows, os.path.join(args.output, "sweep.png"), title) \
             if any(not r["error"] for r in rows) else None
@@ -182,7 +182,7 @@ def add_command(subparsers) -> None:
                    help="round the SwiGLU width up to this (Meta's multiple_of; 256 for the "
                         "paper's models, 32 for tiny)")
     m.add_argument("--seq-length", type=int, default=None,
-                   help="tokens per sequence (default: the preset's max_seq_len)")
+                   help="tokens per sequence (default: the preset's pretraining length)")
     lay = p.add_argument_group("layout and batch")
     lay.add_argument("--tp", type=int, default=1, help="tensor-parallel size (1)")
     lay.add_argument("--sp", action="store_true", help="sequence parallelism (TP > 1)")

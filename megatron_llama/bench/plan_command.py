@@ -86,7 +86,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         args.efficiency = gpu.efficiency
     if not 0 < args.efficiency <= 1:
         raise ConfigError(f"--efficiency must be in (0, 1], not {args.efficiency}")
-    args.seq_length = args.seq_length or preset.model.max_seq_len
+    args.seq_length = args.seq_length or preset.seq_length
     args.global_batch = args.global_batch or max(1, preset.batch_tokens // args.seq_length)
     if args.layout:
         from megatron_llama.bench.planner import PlanLayout
@@ -154,9 +154,11 @@ def add_command(subparsers) -> None:
     p.add_argument("--gpus", type=int, default=2048, help="number of GPUs (2048)")
     p.add_argument("--gpu", default="a100-80gb",
                    help=f"GPU type: {', '.join(GPUS)} (a100-80gb, as the paper)")
-    p.add_argument("--seq-length", type=int, default=None, help="tokens per sequence (2048)")
+    p.add_argument("--seq-length", type=int, default=None,
+                   help="tokens per sequence (default: the preset's pretraining length: 2048 "
+                        "for LLaMA-1, 4096 Llama 2, 8192 Llama 3 / 3.1)")
     p.add_argument("--global-batch", type=int, default=None,
-                   help="sequences per step (default: 4M tokens / seq-length = 2048)")
+                   help="sequences per step (default: the preset's batch tokens / seq-length)")
     p.add_argument("--efficiency", type=float, default=None,
                    help="fraction of the dense peak matmuls and attention reach (default: "
                         "the GPU's calibration; A100 0.59: the LLaMA paper's 65B run on 2048 "

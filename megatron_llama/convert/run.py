@@ -30,6 +30,15 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 META_SHARDS_BY_DIM = {4096: 1, 5120: 2, 6656: 4, 8192: 8}
 
 
+def default_meta_shards(cfg, fallback: int) -> int:
+    """Meta's file count for this model: the release's (Llama 3.1 405B: 8) when the shape is
+    a known release, else by width (LLaMA's 1/2/4/8), else ``fallback`` (the input's)."""
+    from megatron_llama.model.presets import preset_of
+
+    preset = preset_of(cfg)
+    return preset.meta_shards if preset else META_SHARDS_BY_DIM.get(cfg.dim, fallback)
+
+
 def detect_format(path: str) -> str:
     """'meta', 'megatron' or 'hf' from a directory's contents; one line if none fits."""
     if not os.path.isdir(path):
@@ -115,7 +124,7 @@ def convert(input_dir: str, output_dir: str, to: str, *, shards: Optional[int] =
         if to == "meta":
             from megatron_llama.convert.meta import write_meta
 
-            n = shards or META_SHARDS_BY_DIM.get(cfg.dim, getattr(source, "num_shards", 1))
+            n = shards or default_meta_shards(cfg, getattr(source, "num_shards", 1))
             write_meta(output_dir, source, n, dtype=out_dtype, force=force, progress=progress)
             target = f"Meta format, {n} shard(s)"
         elif to == "hf":

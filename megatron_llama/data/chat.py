@@ -111,12 +111,13 @@ def render_chat(messages: Sequence[dict], template: str, *, add_generation_promp
         raise ConfigError(f"chat template does not render: {e}") from None
 
 
-def encode_with_specials(tokenizer, text: str) -> list[int]:
+def encode_with_specials(tokenizer, text: str, restore: dict[str, str] | None = None) -> list[int]:
     """Ids of ``text`` where the tokenizer's special-token strings become their ids and the
-    text between them is encoded on its own (no BOS added)."""
+    text between them is encoded on its own (no BOS added). ``restore`` maps placeholders
+    back to the text they hid from the split (see `encode_chat`)."""
     specials = tokenizer.special_tokens
     if not specials:
-        return tokenizer.encode(text)
+        return tokenizer.encode(_restore(text, restore))
     pattern = re.compile("(" + "|".join(re.escape(s) for s in
                                         sorted(specials, key=len, reverse=True)) + ")")
     ids: list[int] = []
@@ -124,14 +125,33 @@ def encode_with_specials(tokenizer, text: str) -> list[int]:
         if i % 2:
             ids.append(specials[piece])
         elif piece:
-            ids.extend(tokenizer.encode(piece))
+            ids.extend(tokenizer.encode(_restore(piece, restore)))
     return ids
+
+
+def _restore(text: str, restore: dict[str, str] | None) -> str:
+    for placeholder, original in (restore or {}).items():
+        text = text.replace(placeholder, original)
+    return text
 
 
 def encode_chat(tokenizer, messages: Sequence[dict], template: str | None = None, *,
                 add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of a conversation in the tokenizer's generation's format (or ``template``)."""
+    """Token ids of a conversation in the tokenizer's generation's format (or ``template``).
+
+    Special-token text inside a message (``<|eot_id|>`` typed by a user) stays text, as
+    Meta's chat code encodes message contents: it is replaced by private-use placeholders
+    before rendering and put back inside the text piece it belongs to.
+    """
     name = chat_format_for(tokenizer)
-    text = render_chat(messages, template or chat_template(name),
+    specials = sorted(tokenizer.special_tokens, key=len, reverse=True)
+    hide = {s: f"\ue000{i}\ue001" for i, s in enumerate(specials)}
+    pattern = re.compile("|".join(re.escape(s) for s in specials)) if specials else None
+
+    def hidden(content: str) -> str:
+        return pattern.sub(lambda m: hide[m.group(0)], content) if pattern else content
+
+    safe = [dict(m, content=hidden(m["content"])) for m in check_messages(list(messages))]
+    text = render_chat(safe, template or chat_template(name),
                        add_generation_prompt=add_generation_prompt, **SPECIALS[name])
-    return encode_with_specials(tokenizer, text)
+    return encode_with_specials(tokenizer, text, {v: k for k, v in hide.items()})

@@ -111,7 +111,7 @@ def preset_settings(preset: str) -> tuple[dict[str, str], list[str]]:
     path = TEMPLATE_DIR / f"{p.name}.env"
     if path.is_file():
         return read_settings(path)
-    seq = p.model.max_seq_len
+    seq = p.seq_length
     values = dict(TP="1", PP="1", VP="", SP="0", MICRO_BATCH="1",
                   GLOBAL_BATCH=str(max(1, p.batch_tokens // seq)), SEQ_LENGTH=str(seq),
                   RECOMPUTE="none", SAVE_INTERVAL="1000", EVAL_INTERVAL="0", SIGNAL_SECONDS="120")

@@ -224,6 +224,19 @@ class LlamaConfig:
         return dataclasses.replace(self, **changes)
 
 
+def model_differences(saved: dict, expected: dict) -> list[str]:
+    """The fields in which two models' recorded params differ, defaults filled in first (a
+    checkpoint written before a field existed records only what it knew of)."""
+    def full(fields: dict) -> dict:
+        try:
+            return dataclasses.asdict(LlamaConfig.from_dict(fields))
+        except ConfigError:
+            return dict(fields)
+
+    a, b = full(saved), full(expected)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
 def to_transformer_config(
     cfg: LlamaConfig,
     layout: Layout,

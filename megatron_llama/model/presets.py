@@ -36,6 +36,14 @@ class Preset:
     generation: str = "llama1"
     tokenizer: str = "sentencepiece"
     notes: str = field(default="", compare=False)
+    # Sequence length of pretraining when it differs from the model's context: Llama 3.1
+    # pretrains at 8192 and extends to 131072 only at the end (Llama 3 paper, 3.4.2).
+    pretrain_seq_length: Optional[int] = None
+
+    @property
+    def seq_length(self) -> int:
+        """The default sequence length of `pretrain`, `plan` and `sbatch` for this preset."""
+        return self.pretrain_seq_length or self.model.max_seq_len
 
 
 def _llama2(dim, layers, heads, kv=None, mult=None, multiple_of=256, **kw) -> LlamaConfig:
@@ -55,7 +63,7 @@ _L2 = dict(train_tokens=2 * 10**12, generation="llama2")
 # Llama 3 publishes the 405B recipe only (peak 8e-5, batch growing to 16M tokens); the 8B and
 # 70B rates here are Llama 2's, stated as such in `notes`.
 _L3 = dict(train_tokens=15 * 10**12, generation="llama3", tokenizer="tiktoken")
-_L31 = dict(_L3, generation="llama3.1")
+_L31 = dict(_L3, generation="llama3.1", pretrain_seq_length=8192)
 _L3_LR_NOTE = "lr not published for this size: Llama 2's"
 
 PRESETS: dict[str, Preset] = {

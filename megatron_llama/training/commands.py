@@ -88,7 +88,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         overrides["vocab_size"] = Tokenizer(args.tokenizer).vocab_size
     model = preset.model.replace(**overrides)
     values = {f.name: getattr(args, f.name) for f in cli_fields()}
-    seq = values["seq_length"] or model.max_seq_len
+    seq = values["seq_length"] or min(preset.seq_length, model.max_seq_len)
     global_batch = values["global_batch"] or max(1, preset.batch_tokens // seq)
     values.update(
         seq_length=seq, global_batch=global_batch,

@@ -254,9 +254,11 @@ def _alternatives(cfg, world_size: int, budget: float, on_gpu: bool) -> Optional
     options = []
     for tp, pp, recompute, micro in itertools.product(
             divisors, divisors, ("none", "selective", "full"), sorted({1, cfg.micro_batch})):
-        if world_size % (tp * pp):
+        if world_size % (tp * pp * cfg.layout.cp):
             continue
-        layout = ParallelLayout(tp=tp, pp=pp, sp=tp > 1 and cfg.layout.sp)
+        # the run's CP and end-stage options kept; VP dropped (it only adds memory)
+        layout = dataclasses.replace(cfg.layout, tp=tp, pp=pp, vp=None,
+                                     sp=tp > 1 and cfg.layout.sp)
         try:
             layout.check(cfg.model, world_size)
         except ConfigError:

@@ -41,6 +41,7 @@ from megatron_llama.errors import (
     require,
 )
 from megatron_llama.fileio import write_json, write_text
+from megatron_llama.model.config import model_differences
 from megatron_llama.training.engines.base import Engine, lm_loss
 from megatron_llama.training.engines.verified import (
     choose_iteration,
@@ -255,7 +256,7 @@ class DeepSpeedEngine(Engine):
         meta_path = os.path.join(root, tag, METADATA)
         if expected_model is not None and os.path.isfile(meta_path):
             saved = read_json_object(meta_path).get("model")
-            if saved != expected_model:
+            if saved is None or model_differences(saved, expected_model):
                 raise ConfigError(f"{meta_path}: checkpoint of another model ({saved}); "
                                   "refusing to load it")
         if not isinstance(self.engine.checkpoint_engine, _WeightsOnlyLoads):

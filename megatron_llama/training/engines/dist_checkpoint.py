@@ -39,6 +39,7 @@ from megatron_llama.checkpoint_files import (
 )
 from megatron_llama.errors import ConfigError
 from megatron_llama.fileio import commit_directory, write_json, write_text
+from megatron_llama.model.config import model_differences
 from megatron_llama.training.engines.verified import (
     agree_on_error,
     choose_iteration,
@@ -240,9 +241,9 @@ def load(root: str, chunks, optimizer, scheduler, expected_model: Optional[dict]
     iteration = choose_iteration(root, iteration)  # verified, or the newest earlier that is
     path = iteration_dir(root, iteration)
     meta = read_checkpoint_metadata(path)
-    if expected_model is not None and meta.get("model") not in (None, expected_model):
-        diff = sorted(k for k in set(expected_model) | set(meta["model"])
-                      if expected_model.get(k) != meta["model"].get(k))
+    diff = (model_differences(meta["model"], expected_model)
+            if expected_model is not None and meta.get("model") is not None else [])
+    if diff:
         raise ConfigError(f"{path}: checkpoint is of a different model ({', '.join(diff)} "
                           "differ); choose another --save/--load")
     from megatron_llama.compat.safe_loading import reading

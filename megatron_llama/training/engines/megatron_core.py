@@ -86,8 +86,9 @@ def context_parallel_lm_loss(per_token_loss: torch.Tensor, loss_mask: torch.Tens
                              poison: bool = False):
     """`lm_loss` when each CP rank holds part of every sequence: token sums and counts are
     summed over the CP group, so every rank reports the microbatch's mean loss; the loss
-    it differentiates is its own tokens' share times CP, because megatron-core averages
-    gradients over DP x CP ranks."""
+    it differentiates is its own tokens' share of that mean. megatron-core's schedule
+    multiplies it by CP (the two-value loss convention) and its DDP averages gradients over
+    DP x CP ranks, which together give the gradient of the mean."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -99,8 +100,7 @@ def context_parallel_lm_loss(per_token_loss: torch.Tensor, loss_mask: torch.Tens
     total = local.detach().clone()
     dist.all_reduce(total, group=parallel_state.get_context_parallel_group())
     count = total[1].clamp(min=1.0)
-    loss = local[0] / count * parallel_state.get_context_parallel_world_size()
-    return loss, {"lm loss": (total[0] / count).detach().clone()}
+    return local[0] / count, {"lm loss": (total[0] / count).detach().clone()}
 
 
 def forward_backward(chunks: list, tconfig, microbatches: list[dict], *, seq_length: int,
