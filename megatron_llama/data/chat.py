@@ -85,6 +85,11 @@ def _compile(template: str):
         raise ConfigError(f"chat template does not parse: {e.message} (line {e.lineno})") from None
 
 
+def compile_template(text: str):
+    """A user's Jinja chat template, parsed (one line naming the error if it cannot be)."""
+    return _compile(text)
+
+
 def check_messages(messages: Any) -> list[dict]:
     """``messages`` as a list of {role, content} with known roles, or one line saying why."""
     if not isinstance(messages, list) or not messages:

@@ -60,12 +60,30 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune_data(args: argparse.Namespace) -> int:
+    from megatron_llama.data.finetune_data import MASK_SUFFIX, finetune_data
+
+    stats = finetune_data(args.input, args.output_prefix, args.tokenizer, fmt=args.format,
+                          template_path=args.chat_template, max_tokens=args.max_tokens,
+                          overlong=args.overlong, workers=args.workers,
+                          progress=not args.no_progress)
+    print(f"wrote {args.output_prefix}.bin/.idx and {args.output_prefix}{MASK_SUFFIX}.bin/.idx: "
+          f"{stats.summary()}")
+    for record in stats.bad_examples:
+        print(f"  skipped {record}")
+    if stats.bad_total > len(stats.bad_examples):
+        print(f"  ... all {stats.bad_total:,} listed in {args.output_prefix}.skipped.txt")
+    return 0
+
+
 def add_command(subparsers) -> None:
-    """Register `corpus`, `train-tokenizer` and `preprocess`."""
+    """Register `corpus`, `train-tokenizer`, `preprocess` and `finetune-data`."""
     corpus = subparsers.add_parser(
         "corpus", help="write the built-in corpus (no download): stdlib code + pydoc prose",
         description="Write code.jsonl (the Python standard library's source files), prose.jsonl "
-        "(pydoc_data.topics, the language reference) and blend.yaml weighting the two.")
+        "(pydoc_data.topics, the language reference), blend.yaml weighting the two, and for "
+        "fine-tuning alpaca.jsonl (320 instruction records) and chat.jsonl (80 conversations), "
+        "generated from computed tasks and the standard library's docstrings.")
     corpus.add_argument("--output", required=True, help="directory to write into")
     corpus.add_argument("--max-code-mb", type=float, default=8.0,
                         help="cap on the code source's size in MiB (default 8)")
@@ -121,3 +139,32 @@ def add_command(subparsers) -> None:
                      help="the output's weight in --blend (1.0; weights are normalised)")
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
     pre.set_defaults(func=cmd_preprocess)
+
+    ft = subparsers.add_parser(
+        "finetune-data", help="tokenize instruction records (Alpaca, chat) with a loss mask",
+        description="Tokenize Alpaca records (instruction, input, output: Alpaca's prompt) and "
+        "chat records (messages: system/user/assistant turns, in the chat format of the "
+        "tokenizer's generation or --chat-template) into <prefix>.bin/.idx (tokens) and "
+        "<prefix>.mask.bin/.idx (1 on response tokens: only they are trained), on worker "
+        "processes, with a progress bar. Bad records are skipped, counted and listed with "
+        "file:line; examples longer than --max-tokens are truncated or dropped (--overlong).")
+    ft.add_argument("--input", nargs="+", required=True,
+                    help=".json (a list of records, as alpaca_data.json), .jsonl or .jsonl.gz")
+    ft.add_argument("--output-prefix", required=True,
+                    help="writes <prefix>.bin/.idx and <prefix>.mask.bin/.idx")
+    ft.add_argument("--tokenizer", required=True,
+                    help="tokenizer.model of the model to fine-tune (SentencePiece or tiktoken)")
+    ft.add_argument("--format", choices=["auto", "alpaca", "chat"], default="auto",
+                    help="record format (auto: 'messages' -> chat, 'instruction' -> Alpaca)")
+    ft.add_argument("--chat-template", default=None, metavar="FILE.jinja",
+                    help="a Jinja chat template (Hugging Face's variables: messages, bos_token, "
+                         "eos_token, add_generation_prompt) instead of the generation's format")
+    ft.add_argument("--max-tokens", type=int, default=4096,
+                    help="longest example in tokens (4096); use the fine-tuning sequence length")
+    ft.add_argument("--overlong", choices=["truncate", "drop"], default="truncate",
+                    help="what to do with longer examples: keep their start, or skip them "
+                         "(both counted)")
+    ft.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)),
+                    help="tokenizer processes (default: all cores)")
+    ft.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ft.set_defaults(func=cmd_finetune_data)

@@ -83,11 +83,17 @@ def build_builtin_corpus(out_dir: str, max_code_bytes: int = 8 << 20,
                          code_weight: float = 0.6, prose_weight: float = 0.4) -> dict[str, str]:
     """Write the corpus files into ``out_dir``; returns their paths by name."""
     os.makedirs(out_dir, exist_ok=True)
+    from megatron_llama.data.instruction_set import alpaca_records, chat_records
+
     paths = {"code": os.path.join(out_dir, "code.jsonl"),
              "prose": os.path.join(out_dir, "prose.jsonl"),
-             "blend": os.path.join(out_dir, "blend.yaml")}
+             "blend": os.path.join(out_dir, "blend.yaml"),
+             "alpaca": os.path.join(out_dir, "alpaca.jsonl"),
+             "chat": os.path.join(out_dir, "chat.jsonl")}
     _write_jsonl(paths["code"], stdlib_documents(max_code_bytes))
     _write_jsonl(paths["prose"], pydoc_documents())
+    _write_jsonl(paths["alpaca"], iter(alpaca_records()))  # fine-tuning: instructions
+    _write_jsonl(paths["chat"], iter(chat_records()))
     write_text(paths["blend"], BLEND_TEMPLATE.format(code_weight=code_weight,
                                                      prose_weight=prose_weight))
     return paths

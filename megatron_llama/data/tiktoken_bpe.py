@@ -199,6 +199,8 @@ def train_rank_file(sentences: Iterable[str], output: str, num_ranks: int) -> st
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   min_frequency=2)
     bpe.train_from_iterator(sentences, trainer=trainer)
+    # the trainer's threads are done; worker processes forked later (preprocess) need none
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     merges = json.loads(bpe.to_str())["model"]["merges"]
     tokens = [bytes([b]) for b in range(256)]
     seen = set(tokens)
