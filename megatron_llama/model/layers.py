@@ -92,8 +92,10 @@ class SDPAttention(MegatronModule):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         causal = mask_type == AttnMaskType.causal
         mask = None
-        if attention_mask is not None and not causal:
-            mask = ~attention_mask  # megatron: True = masked out; SDPA: True = attend
+        if attention_mask is not None:
+            # an explicit mask (packed fine-tuning rows: block-diagonal and causal) replaces
+            # the plain causal one; megatron: True = masked out, SDPA: True = attend
+            mask, causal = ~attention_mask, False
         dropout_p = self.dropout_p if self.training else 0.0
         gqa = q.size(1) != k.size(1)
         if dropout_p > 0.0 and not self.config.sequence_parallel:

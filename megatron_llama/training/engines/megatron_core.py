@@ -60,6 +60,11 @@ def _forward_step(data_iterator, model, poison: bool = False):
 
     batch = next(data_iterator)
     tokens, labels = batch["tokens"], batch["labels"]
+    if "attention_mask" in batch:  # a fine-tuning row (`data.sft`): examples packed in it
+        output = model(tokens, batch["position_ids"], batch["attention_mask"], labels=labels)
+        if getattr(model, "config", None) is not None and model.config.calculate_per_token_loss:
+            return output, partial(per_token_lm_loss, loss_mask=batch["loss_mask"], poison=poison)
+        return output, partial(lm_loss, loss_mask=batch["loss_mask"], poison=poison)
     position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     if parallel_state.get_context_parallel_world_size() > 1:
         tokens, labels, position_ids, mask = context_parallel_slice(
@@ -68,6 +73,21 @@ def _forward_step(data_iterator, model, poison: bool = False):
         return output, partial(context_parallel_lm_loss, loss_mask=mask, poison=poison)
     output = model(tokens, position_ids, None, labels=labels)
     return output, partial(lm_loss, loss_mask=batch.get("loss_mask"), poison=poison)
+
+
+def per_token_lm_loss(per_token_loss: torch.Tensor, loss_mask: torch.Tensor,
+                      poison: bool = False):
+    """The sum of the masked token losses and their count (megatron-core's three-value loss,
+    with ``calculate_per_token_loss``): gradients then average over every trained token of
+    the global batch, however the tokens are spread over rows, microbatches and DP ranks, so
+    packed and unpacked batches train alike. Reports ``[sum, count]``."""
+    per_token_loss = per_token_loss.float()
+    if poison:
+        per_token_loss = per_token_loss * float("nan")
+    mask = loss_mask.float()
+    total = (per_token_loss * mask).sum()
+    count = mask.sum().to(torch.int)
+    return total, count, {"lm loss": torch.stack([total.detach(), mask.sum()]).clone()}
 
 
 def context_parallel_slice(tokens, labels, position_ids, loss_mask=None):
