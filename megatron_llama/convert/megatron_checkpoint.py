@@ -107,8 +107,6 @@ class MegatronCheckpoint(WeightSource):
     """
 
     def __init__(self, root: str):
-        import torch.distributed.checkpoint as dcp
-
         from megatron_llama.compat.safe_loading import check_metadata, install
 
         install()  # DCP's metadata and bytes items: no pickled code runs
@@ -120,15 +118,10 @@ class MegatronCheckpoint(WeightSource):
         tok = meta.get("tokenizer")
         self.tokenizer = tok if tok and os.path.isfile(tok) else None
         self.description = f"Megatron, saved at {describe_layout(meta.get('layout'))}"
-        try:
-            metadata = dcp.FileSystemReader(self.path).read_metadata()
-        except ConfigError:
-            raise
-        except Exception as e:  # noqa: BLE001 - torch DCP raises many types for a bad file
-            raise ConfigError(f"{self.path}: unreadable checkpoint metadata ({e})") from None
-        _check_storage_sizes(self.path, metadata)
-        self._shapes = {k: (tuple(v.size), v.properties.dtype)
-                        for k, v in metadata.state_dict_metadata.items() if hasattr(v, "size")}
+        if meta.get("adapters_only"):
+            raise ConfigError(f"{self.path}: holds LoRA adapters only; merge them into their "
+                              "base with `megatron-llama merge-lora`")
+        self._shapes = stored_shapes(self.path)
         te = f"{LAYER_PREFIX}self_attention.linear_qkv.layer_norm_weight" in self._shapes
         self.names = "te" if te else "local"
         self._suffixes = ["self_attention.linear_qkv.weight", "self_attention.linear_proj.weight",
@@ -147,24 +140,7 @@ class MegatronCheckpoint(WeightSource):
         self._layer: tuple[int, dict[str, torch.Tensor]] = (-1, {})
 
     def _load(self, request: dict[str, tuple[str, Optional[int]]]) -> dict[str, torch.Tensor]:
-        """Load {name: (checkpoint key, layer or None)}: a whole tensor, or one layer's slice."""
-        import torch.distributed.checkpoint as dcp
-
-        from megatron_llama.compat.safe_loading import reading
-
-        state, regions, out = {}, {}, {}
-        for name, (key, layer) in request.items():
-            shape, dtype = self._shapes[key]
-            if layer is None:
-                state[key], regions[key] = torch.empty(shape, dtype=dtype), [0] * len(shape)
-            else:  # [layer:layer+1, ...] of the stacked tensor
-                state[key] = torch.empty((1, *shape[1:]), dtype=dtype)
-                regions[key] = [layer] + [0] * (len(shape) - 1)
-            out[name] = state[key] if layer is None else state[key][0]
-        with reading(self.path):  # tensors only, but the same guard
-            dcp.load(state, storage_reader=dcp.FileSystemReader(self.path),
-                     planner=_region_planner(regions), no_dist=True)
-        return out
+        return read_regions(self.path, self._shapes, request)
 
     def tensor(self, name: str) -> torch.Tensor:
         i = layer_index(name)
@@ -177,6 +153,45 @@ class MegatronCheckpoint(WeightSource):
             loaded = self._load({s: (LAYER_PREFIX + s, i) for s in self._suffixes})
             self._layer = (i, layer_to_meta([loaded], self.config, self.names))
         return self._layer[1][name.split(".", 2)[2]]
+
+
+def stored_shapes(path: str) -> dict[str, tuple[tuple, torch.dtype]]:
+    """{key: (global shape, dtype)} of every tensor a dist checkpoint folder stores; one line
+    if its metadata is unreadable or a data file is short."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        metadata = dcp.FileSystemReader(path).read_metadata()
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch DCP raises many types for a bad file
+        raise ConfigError(f"{path}: unreadable checkpoint metadata ({e})") from None
+    _check_storage_sizes(path, metadata)
+    return {k: (tuple(v.size), v.properties.dtype)
+            for k, v in metadata.state_dict_metadata.items() if hasattr(v, "size")}
+
+
+def read_regions(path: str, shapes: dict, request: dict[str, tuple[str, Optional[int]]]
+                 ) -> dict[str, torch.Tensor]:
+    """Load {name: (checkpoint key, layer or None)} from the dist checkpoint at ``path``: a
+    whole tensor, or one layer's slice of a stacked ``decoder.layers.*`` tensor."""
+    import torch.distributed.checkpoint as dcp
+
+    from megatron_llama.compat.safe_loading import reading
+
+    state, regions, out = {}, {}, {}
+    for name, (key, layer) in request.items():
+        shape, dtype = shapes[key]
+        if layer is None:
+            state[key], regions[key] = torch.empty(shape, dtype=dtype), [0] * len(shape)
+        else:  # [layer:layer+1, ...] of the stacked tensor
+            state[key] = torch.empty((1, *shape[1:]), dtype=dtype)
+            regions[key] = [layer] + [0] * (len(shape) - 1)
+        out[name] = state[key] if layer is None else state[key][0]
+    with reading(path):  # tensors only, but the same guard
+        dcp.load(state, storage_reader=dcp.FileSystemReader(path),
+                 planner=_region_planner(regions), no_dist=True)
+    return out
 
 
 def _check_storage_sizes(path: str, metadata) -> None:

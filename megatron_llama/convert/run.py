@@ -62,9 +62,27 @@ def detect_format(path: str) -> str:
                       "a Hugging Face model directory)")
 
 
-def open_source(path: str) -> "WeightSource":
-    """The reader for the checkpoint at ``path`` (format detected); use it as a context."""
+def is_adapter_checkpoint(path: str) -> bool:
+    """Whether ``path`` is the root of a LoRA run's checkpoints (adapters only)."""
+    from megatron_llama.convert.megatron_checkpoint import read_metadata
+
+    return detect_format(path) == "megatron" and bool(read_metadata(path)[1].get("adapters_only"))
+
+
+def open_source(path: str, base: Optional[str] = None) -> "WeightSource":
+    """The reader for the checkpoint at ``path`` (format detected); use it as a context.
+    A LoRA run's adapter checkpoint reads as its base with the adapters merged (``base``:
+    that base's directory, if not the one the run recorded)."""
     source = detect_format(path)
+    if source == "megatron" and is_adapter_checkpoint(path):
+        from megatron_llama.convert.lora_merge import LoraMergedSource, recorded_base
+
+        base_source = open_source(base or recorded_base(path))
+        try:
+            return LoraMergedSource(path, base_source)
+        except BaseException:
+            base_source.close()
+            raise
     if source == "meta":
         from megatron_llama.convert.meta import MetaCheckpoint
 
@@ -98,14 +116,19 @@ def check_output_apart(input_dir: str, output_dir: str) -> None:
 
 def convert(input_dir: str, output_dir: str, to: str, *, shards: Optional[int] = None,
             tp: int = 1, pp: int = 1, dtype: Optional[str] = None, force: bool = False,
-            progress: bool = True) -> str:
+            progress: bool = True, base: Optional[str] = None) -> str:
     """Convert ``input_dir`` to format ``to`` in ``output_dir``; returns a one-line summary.
 
     Tensors stream from the reader to the writer one at a time (one layer at most in memory);
-    ``progress`` shows a bar advancing per layer.
+    ``progress`` shows a bar advancing per layer. A LoRA run's checkpoint is written merged
+    into its base (``base`` overrides the base the run recorded).
     """
     check_output_apart(input_dir, output_dir)
     source_format = detect_format(input_dir)
+    if source_format == "megatron" and is_adapter_checkpoint(input_dir):
+        source_format = "lora"
+    elif base is not None:
+        raise ConfigError(f"{input_dir}: --base applies to LoRA adapter checkpoints only")
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}")
     if source_format == to and to != "meta":
@@ -118,7 +141,7 @@ def convert(input_dir: str, output_dir: str, to: str, *, shards: Optional[int] =
     if os.path.exists(output_dir) and not force:
         raise ConfigError(f"{output_dir}: already exists (pass --force to replace it)")
     check_replaceable(output_dir, "convert")  # --force never replaces a user's directory
-    with open_source(input_dir) as source:
+    with open_source(input_dir, base) as source:
         cfg = source.config
         out_dtype = DTYPES[dtype] if dtype else source.dtype
         if to == "meta":

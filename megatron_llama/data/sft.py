@@ -155,3 +155,73 @@ def microbatches(examples: SFTExamples, rows: Sequence[Sequence[int]], seq_lengt
     order = list(order) if order is not None else list(range(len(rows)))
     return [row_batch(examples, [rows[j] for j in order[k:k + micro_batch]], seq_length, pad_id)
             for k in range(0, len(order), micro_batch)]
+
+
+class SFTData:
+    """Train and validation microbatches of packed fine-tuning rows for this rank, with the
+    same interface as `data.batches.TrainData` (the training loop uses either).
+
+    A seeded ``valid_fraction`` of the examples is held out; each split is planned into rows
+    once. Train sample k (a row) is row ``perm_e[k mod n]`` of epoch ``e = k // n``, with a
+    fresh seeded permutation per epoch, so the order is a pure function of
+    ``consumed_samples`` and a resumed run continues exactly. A global batch of G rows is
+    split as [microbatch, dp_rank, micro_batch] like pretraining's. Validation uses every
+    held-out row, padded with empty rows (no trained tokens) to whole global batches.
+    """
+
+    def __init__(self, prefix: str, *, seq_length: int, global_batch: int, micro_batch: int,
+                 dp_size: int = 1, dp_rank: int = 0, valid_fraction: float = 0.0,
+                 seed: int = 0, packed: bool = True, pad_id: int = 0):
+        self.examples = SFTExamples(prefix)
+        self.seq_length, self.global_batch, self.micro_batch = seq_length, global_batch, micro_batch
+        self.dp_size, self.dp_rank, self.seed, self.pad_id = dp_size, dp_rank, seed, pad_id
+        self.num_microbatches = global_batch // (micro_batch * dp_size)
+        train, valid = split_indices(len(self.examples), valid_fraction, seed)
+        if not train:
+            raise ConfigError(f"{prefix}: no training examples left after holding out "
+                              f"{valid_fraction:.0%} for validation")
+        self.train_rows = plan_rows(self.examples, train, seq_length, packed)
+        self.valid_rows = plan_rows(self.examples, valid, seq_length, packed) if valid else []
+        self.train_examples, self.valid_examples = len(train), len(valid)
+        self.efficiency = packing_efficiency(self.examples, self.train_rows, seq_length)
+        self._perm: dict[int, np.ndarray] = {}
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perm:
+            if len(self._perm) > 4:
+                self._perm.clear()
+            rng = np.random.default_rng([self.seed, epoch])
+            self._perm[epoch] = rng.permutation(len(self.train_rows))
+        return self._perm[epoch]
+
+    def _mine(self, rows_of_batch: Sequence[Sequence[int]]) -> list[dict]:
+        """This rank's microbatches of one global batch of rows ([micro, dp, micro_batch])."""
+        out, per_micro = [], self.micro_batch * self.dp_size
+        for m in range(self.num_microbatches):
+            first = m * per_micro + self.dp_rank * self.micro_batch
+            out.append(row_batch(self.examples, rows_of_batch[first:first + self.micro_batch],
+                                 self.seq_length, self.pad_id))
+        return out
+
+    def train_batches(self, consumed_samples: int) -> list[dict]:
+        """The microbatches of the global batch that starts at row sample ``consumed_samples``."""
+        n = len(self.train_rows)
+        rows = []
+        for k in range(consumed_samples, consumed_samples + self.global_batch):
+            rows.append(self.train_rows[int(self._epoch_order(k // n)[k % n])])
+        return self._mine(rows)
+
+    def valid_batches(self, eval_iters: int = 0) -> list[list[dict]]:
+        """Every held-out row, as whole global batches (``eval_iters`` is not used: the
+        split is evaluated completely, so the number means the same at every step)."""
+        rows = list(self.valid_rows)
+        if not rows:
+            return []
+        rows += [[]] * (-len(rows) % self.global_batch)
+        return [self._mine(rows[k:k + self.global_batch])
+                for k in range(0, len(rows), self.global_batch)]
+
+    def describe(self) -> str:
+        return (f"{self.train_examples:,} training examples in {len(self.train_rows):,} rows of "
+                f"{self.seq_length} (packing efficiency {self.efficiency:.3f}), "
+                f"{self.valid_examples:,} held out for validation")

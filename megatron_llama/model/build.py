@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
+
 from megatron_llama.model.config import LlamaConfig
 
 
@@ -66,27 +68,70 @@ def _unwrap(chunk):
 
 def load_meta_state_dict(chunks: list, meta: dict, cfg: LlamaConfig, names: str = "local") -> None:
     """Copy full Meta-named weights into this rank's chunks (its TP/PP/VP slice)."""
+    load_weights(chunks, cfg, meta.__getitem__, names)
+
+
+def layer_names(chunk) -> str:
+    """'te' when the chunk's norms are fused into Transformer Engine linears, else 'local'."""
+    return "te" if any(n.endswith("linear_qkv.layer_norm_weight")
+                       for n, _ in _unwrap(chunk).named_parameters()) else "local"
+
+
+def load_weights(chunks: list, cfg: LlamaConfig, tensor, names: Optional[str] = None) -> None:
+    """Copy weights into this rank's chunks from ``tensor(meta_name) -> full tensor`` (a
+    checkpoint reader's `tensor`, or a dict's ``__getitem__``), reading only what this rank
+    holds: its chunks' layers, the embedding on the first stage, norm and output on the last;
+    one layer in memory at a time. Every parameter of the chunks must receive a value."""
     from megatron.core import parallel_state
 
-    from megatron_llama.model.canonical import chunk_layer_counts, meta_to_megatron
+    from megatron_llama.model.canonical import (
+        META_LAYER_KEYS,
+        chunk_layer_counts,
+        chunk_layers,
+        layer_to_megatron,
+        vocab_to_megatron,
+    )
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     vp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     tconfig = _unwrap(chunks[0]).config  # uneven stages are recorded there
+    names = names or layer_names(chunks[0])
     counts = chunk_layer_counts(cfg.n_layers, pp, vp, tconfig.num_layers_in_first_pipeline_stage,
                                 tconfig.num_layers_in_last_pipeline_stage,
                                 tconfig.account_for_embedding_in_pipeline_split)
-    wanted = {_chunk_key(s): s for s in range(len(chunks))}
-    for key, state in meta_to_megatron(meta, cfg, tp, pp, vp, names, counts):
-        if key not in wanted:
-            continue
-        model = _unwrap(chunks[wanted[key]])
-        result = model.load_state_dict(state, strict=False)
-        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
-        if missing or result.unexpected_keys:
-            raise RuntimeError(f"weight mapping mismatch: missing {missing}, "
-                               f"unexpected {result.unexpected_keys}")
+    layers = chunk_layers(cfg.n_layers, pp, vp, counts)
+    last = (pp - 1, (vp or 1) - 1)
+    for s, chunk in enumerate(chunks):
+        model = _unwrap(chunk)
+        targets = dict(model.named_parameters())
+        filled: set[str] = set()
+
+        def put(name: str, value) -> None:
+            if name not in targets:
+                raise RuntimeError(f"weight mapping mismatch: no parameter {name}")
+            if tuple(targets[name].shape) != tuple(value.shape):
+                raise RuntimeError(f"weight mapping mismatch: {name} is "
+                                   f"{tuple(targets[name].shape)}, got {tuple(value.shape)}")
+            with torch.no_grad():
+                targets[name].copy_(value)
+            filled.add(name)
+
+        if (pp_rank, s) == (0, 0):
+            put("embedding.word_embeddings.weight",
+                vocab_to_megatron(tensor("tok_embeddings.weight"), cfg, tp)[tp_rank])
+        for j, i in enumerate(layers[(pp_rank, s)]):
+            layer = {k: tensor(f"layers.{i}.{k}") for k in META_LAYER_KEYS}
+            for k, t in layer_to_megatron(layer, cfg, tp, names)[tp_rank].items():
+                put(f"decoder.layers.{j}.{k}", t)
+        if (pp_rank, s) == last:
+            put("decoder.final_layernorm.weight", tensor("norm.weight"))
+            put("output_layer.weight", vocab_to_megatron(tensor("output.weight"), cfg, tp)[tp_rank])
+        missing = sorted(set(n for n in targets if "_lora" not in n) - filled)
+        if missing:
+            raise RuntimeError(f"weight mapping mismatch: no value for {missing}")
 
 
 def local_shards(chunks: list, grads: bool = False) -> dict:

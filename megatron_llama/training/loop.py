@@ -17,8 +17,8 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict
-from typing import Optional
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
 
 import torch
 
@@ -47,6 +47,23 @@ def _on_signal(signum, frame) -> None:
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+@dataclass
+class RunHooks:
+    """What a run other than plain pretraining changes in the loop (`finetune` sets them).
+
+    ``prepare_model(chunks, resuming)`` runs on the bare chunks before the engine wraps them:
+    load starting weights, add adapters, freeze parameters (``resuming``: a checkpoint under
+    the load directory will be restored over them). ``build_data(cfg, dp_size, dp_rank,
+    tokenizer)`` returns the batches (``TrainData``'s interface). ``transformer_overrides``
+    go to `to_transformer_config`; ``metadata`` is added to every checkpoint's."""
+
+    title: str = "pretraining"
+    prepare_model: Optional[Callable] = None
+    build_data: Optional[Callable] = None
+    transformer_overrides: dict = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
 
 
 def preflight(cfg: TrainConfig, world_size: int, ranks_here: Optional[int] = None,
@@ -78,8 +95,9 @@ def preflight(cfg: TrainConfig, world_size: int, ranks_here: Optional[int] = Non
     return tokenizer
 
 
-def pretrain(cfg: TrainConfig) -> dict:
-    """Run (or resume) pretraining; returns a summary (last step, losses, status)."""
+def pretrain(cfg: TrainConfig, hooks: Optional[RunHooks] = None) -> dict:
+    """Run (or resume) pretraining (or, with ``hooks``, another run of the same loop, such as
+    fine-tuning); returns a summary (last step, losses, status)."""
     from megatron_llama.parallel import (
         destroy,
         init_distributed,
@@ -94,7 +112,7 @@ def pretrain(cfg: TrainConfig) -> dict:
     try:
         initialize(cfg.layout, seed=cfg.seed)
         lock = _lock_save_dir(cfg, rank)
-        return _train(cfg, tokenizer, rank, world, watchdog)
+        return _train(cfg, tokenizer, rank, world, watchdog, hooks or RunHooks())
     finally:
         watchdog.stop()
         if lock is not None:
@@ -127,7 +145,8 @@ def _lock_save_dir(cfg: TrainConfig, rank: int) -> Optional[RunLock]:
     return lock
 
 
-def _train(cfg: TrainConfig, tokenizer, rank: int, world: int, watchdog: Watchdog) -> dict:
+def _train(cfg: TrainConfig, tokenizer, rank: int, world: int, watchdog: Watchdog,
+           hooks: RunHooks) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -141,20 +160,28 @@ def _train(cfg: TrainConfig, tokenizer, rank: int, world: int, watchdog: Watchdo
         peak_tflops,
     )
 
-    tconfig = to_transformer_config(cfg.model, cfg.layout, dtype=cfg.dtype, recompute=cfg.recompute)
+    tconfig = to_transformer_config(cfg.model, cfg.layout, dtype=cfg.dtype, recompute=cfg.recompute,
+                                    **hooks.transformer_overrides)
     chunks = build_model(cfg.model, tconfig)
+    if hooks.prepare_model is not None:
+        with watchdog.long("preparing the model"):
+            hooks.prepare_model(chunks, _has_checkpoint(cfg))
     engine = create_engine(cfg, chunks, tconfig)
     state = {"iteration": 0, "consumed_samples": 0, "updates": 0, "skipped": 0,
              "schedule": schedule_of(cfg)}
     if cfg.load_dir:
         with watchdog.long("loading the checkpoint"):
-            loaded = engine.load(cfg.load_dir, expected_model=_checkpoint_metadata(cfg)["model"])
+            loaded = engine.load(cfg.load_dir,
+                                 expected_model=_checkpoint_metadata(cfg, hooks)["model"])
         if loaded is not None:
             state.update(loaded)
             state["schedule"] = _resumed_schedule(cfg, loaded.get("schedule"), rank)
     dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    data = build_train_data(cfg, dp_size, dp_rank, cfg.model.vocab_size,
-                            tokenizer.eos_id if tokenizer else None)
+    if hooks.build_data is not None:
+        data = hooks.build_data(cfg, dp_size, dp_rank, tokenizer)
+    else:
+        data = build_train_data(cfg, dp_size, dp_rank, cfg.model.vocab_size,
+                                tokenizer.eos_id if tokenizer else None)
     log = RunLog(cfg.log_file or (os.path.join(cfg.save_dir, "log.jsonl") if cfg.save_dir else None),
                  active=rank == 0, wandb_project=cfg.wandb_project, wandb_run=cfg.wandb_run,
                  wandb_dir=cfg.save_dir, config=_plain(cfg), start_step=state["iteration"])
@@ -166,11 +193,15 @@ def _train(cfg: TrainConfig, tokenizer, rank: int, world: int, watchdog: Watchdo
     flops_tok = flops_per_token(cfg.model, cfg.seq_length)
     tokens_per_step = cfg.global_batch * cfg.seq_length
     if rank == 0:
-        print(f"pretraining {cfg.model.num_params():,} parameters, "
+        print(f"{hooks.title} {cfg.model.num_params():,} parameters, "
               f"{cfg.layout.describe(world)}, engine {engine.describe()}, "
               f"{data.num_microbatches} microbatches of "
               f"{cfg.micro_batch} x {cfg.seq_length}, {cfg.dtype}, peak {peak:.3f} TFLOP/s "
               f"({peak_source}); starting at step {state['iteration'] + 1}", flush=True)
+    if hasattr(data, "describe"):  # fine-tuning rows: the packing efficiency goes in the log
+        log.write({"step": state["iteration"], "packing_efficiency": data.efficiency,
+                   "train_rows": len(data.train_rows), "valid_rows": len(data.valid_rows)},
+                  echo=f"data: {data.describe()}")
     _signal_received["value"] = 0
     # SIGTERM / SIGUSR1: Slurm's preemption warning; SIGINT: Ctrl-C (forwarded to every rank
     # by `local_ranks.run_cli_ranks`). All three: finish this step, save, exit.
@@ -230,7 +261,7 @@ def _train(cfg: TrainConfig, tokenizer, rank: int, world: int, watchdog: Watchdo
             if cfg.save_dir and (must_save or it == cfg.train_steps):
                 with watchdog.long(f"saving the checkpoint of step {it}"):
                     saving = time.perf_counter()
-                    engine.save(cfg.save_dir, it, state, _checkpoint_metadata(cfg))
+                    engine.save(cfg.save_dir, it, state, _checkpoint_metadata(cfg, hooks))
                     if stop_signal or exiting or it == cfg.train_steps:
                         engine.finish_saves(blocking=True)  # complete before we stop
                     save_s += time.perf_counter() - saving
@@ -287,14 +318,20 @@ def _crash() -> None:
 def _agree(local_losses: list, signum: int) -> tuple[float, bool]:
     """Global mean loss (from the last pipeline stage) and whether any rank got a signal.
 
-    One all-reduce of [sum of stage losses, number of last-stage ranks, signal flag].
+    One all-reduce of [sum of stage losses, number of last-stage ranks, signal flag]. With
+    per-token losses (each microbatch reports [token loss sum, token count]) the first two
+    are the sums of those: the mean over every trained token of the global batch.
     """
     import torch.distributed as dist
 
     total = torch.zeros(3, dtype=torch.float64)
     if local_losses:
-        total[0] = torch.stack(local_losses).double().mean()
-        total[1] = 1.0
+        stacked = torch.stack(local_losses).double()
+        if stacked.dim() == 2:  # [microbatch, (sum, count)]
+            total[0], total[1] = stacked[:, 0].sum(), stacked[:, 1].sum()
+        else:
+            total[0] = stacked.mean()
+            total[1] = 1.0
     total[2] = 1.0 if signum else 0.0
     dist.all_reduce(total)
     loss = (total[0] / total[1]).item() if total[1] > 0 else float("nan")
@@ -331,12 +368,24 @@ def _load_tokenizer(cfg: TrainConfig):
     return tok
 
 
-def _checkpoint_metadata(cfg: TrainConfig) -> dict:
+def _checkpoint_metadata(cfg: TrainConfig, hooks: Optional[RunHooks] = None) -> dict:
     """What a reader of the checkpoint (resume, conversion) needs besides the tensors."""
-    return {"model": cfg.model.to_params_json(meta_style=False),
+    meta = {"model": cfg.model.to_params_json(meta_style=False),
             "layout": {"tp": cfg.layout.tp, "pp": cfg.layout.pp, "vp": cfg.layout.vp},
             "sequence_parallel": cfg.layout.sp, "dtype": cfg.dtype,
             "tokenizer": os.path.abspath(cfg.tokenizer) if cfg.tokenizer else None}
+    meta.update(hooks.metadata if hooks else {})
+    return meta
+
+
+def _has_checkpoint(cfg: TrainConfig) -> bool:
+    """Whether the load directory holds a checkpoint this run will resume from."""
+    from megatron_llama.checkpoint_files import deepspeed_latest_tag, latest_iteration
+
+    if not cfg.load_dir or not os.path.isdir(cfg.load_dir):
+        return False
+    return (latest_iteration(cfg.load_dir) is not None
+            or deepspeed_latest_tag(cfg.load_dir) is not None)
 
 
 def _plain(cfg: TrainConfig) -> dict:

@@ -40,6 +40,7 @@ from megatron_llama.checkpoint_files import (
 from megatron_llama.errors import ConfigError
 from megatron_llama.fileio import commit_directory, write_json, write_text
 from megatron_llama.model.config import model_differences
+from megatron_llama.model.lora import is_adapter
 from megatron_llama.training.engines.verified import (
     agree_on_error,
     choose_iteration,
@@ -75,10 +76,22 @@ def _model_key(i: int, n: int) -> str:
     return "model" if n == 1 else f"model{i}"
 
 
+def adapters_only(chunks) -> bool:
+    """Whether the model trains adapters over a frozen base: its checkpoints then hold the
+    adapters (and their optimizer states) only; the base comes from where the run began."""
+    return any(not p.requires_grad for c in chunks for p in c.parameters())
+
+
+def _model_state(chunk, adapters: bool) -> dict:
+    # The GPTModel inside each DDP wrapper: keys are global (layer offsets per stage/chunk).
+    sd = chunk.module.sharded_state_dict()
+    return {k: v for k, v in sd.items() if is_adapter(k)} if adapters else sd
+
+
 def _sharded_state(chunks, optimizer, scheduler, train_state: dict, is_loading: bool,
                    optimizer_metadata: dict, with_rng: bool = True) -> dict:
-    # The GPTModel inside each DDP wrapper: keys are global (layer offsets per stage/chunk).
-    sd: dict = {_model_key(i, len(chunks)): c.module.sharded_state_dict()
+    adapters = adapters_only(chunks)
+    sd: dict = {_model_key(i, len(chunks)): _model_state(c, adapters)
                 for i, c in enumerate(chunks)}
     sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=is_loading,
                                                    metadata=optimizer_metadata)
@@ -263,8 +276,18 @@ def load(root: str, chunks, optimizer, scheduler, expected_model: Optional[dict]
         sd = _sharded_state(chunks, optimizer, scheduler, {}, is_loading=True,
                             optimizer_metadata=saved_sharding, with_rng=same_layout)
         loaded = dist_checkpointing.load(sd, path)
+    adapters = adapters_only(chunks)
+    if adapters != bool(meta.get("adapters_only")):
+        raise ConfigError(f"{path}: a checkpoint of " + (
+            "LoRA adapters; resume it with the same --lora-rank" if meta.get("adapters_only")
+            else "a full model; LoRA runs resume only their own adapter checkpoints (start "
+            "the LoRA run in another --save directory, --from this one)"))
     for i, chunk in enumerate(chunks):
-        chunk.module.load_state_dict(loaded[_model_key(i, len(chunks))], strict=True)
+        result = chunk.module.load_state_dict(loaded[_model_key(i, len(chunks))],
+                                              strict=not adapters)
+        if adapters and result.unexpected_keys:
+            raise ConfigError(f"{path}: adapters {result.unexpected_keys[:2]} do not fit this "
+                              "model (other --lora-targets?)")
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.num_steps = 0  # load_state_dict adds the saved step count to the current one
     scheduler.load_state_dict(loaded["scheduler"])

@@ -1,0 +1,1 @@
+"""Instruction fine-tuning: recipes, the run (full or LoRA) and its command."""
