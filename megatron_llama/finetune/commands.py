@@ -92,7 +92,7 @@ def finetune_config_from_args(args: argparse.Namespace):
     problems = shape_mismatch(model, wanted)
     if problems:
         what = f"--preset {args.preset}" if args.preset else "the model flags"
-        raise ConfigError(f"{args.init_from}: does not fit {what} ({problems[0]})")
+        raise ConfigError(f"{args.init_from}: does not fit {what} ({'; '.join(problems[:2])})")
     tokenizer = args.tokenizer or source_tokenizer
     if not tokenizer:
         raise ConfigError(f"{args.init_from}: no tokenizer.model found with the checkpoint; "

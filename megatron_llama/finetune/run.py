@@ -60,7 +60,8 @@ def _prepare_model(cfg: TrainConfig, opts: FinetuneOptions, chunks: list, resumi
         with open_source(opts.init_from) as source:
             problems = shape_mismatch(source.config, cfg.model)
             if problems:
-                raise ConfigError(f"{opts.init_from}: does not fit the model ({problems[0]})")
+                raise ConfigError(f"{opts.init_from}: does not fit the model "
+                                  f"({'; '.join(problems[:2])})")
             if rank0:
                 print(f"loading {opts.init_from} ({source.description}) into this layout",
                       flush=True)
