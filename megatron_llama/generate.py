@@ -56,8 +56,9 @@ def generate_ids(model, cfg: LlamaConfig, prompt_ids: list[int], sampling: Sampl
                           f"max_seq_len {cfg.max_seq_len}")
     context = StaticInferenceContext(1, total)
     generator = torch.Generator().manual_seed(sampling.seed)
-    tokens = torch.tensor([prompt_ids])
-    positions = torch.arange(len(prompt_ids))[None]
+    device = next(model.parameters()).device
+    tokens = torch.tensor([prompt_ids], device=device)
+    positions = torch.arange(len(prompt_ids), device=device)[None]
     out: list[int] = []
     model.eval()
     with torch.no_grad():
@@ -70,7 +71,8 @@ def generate_ids(model, cfg: LlamaConfig, prompt_ids: list[int], sampling: Sampl
             if next_id in stop_ids:
                 break
             position = len(prompt_ids) + len(out) - 1
-            tokens, positions = torch.tensor([[next_id]]), torch.tensor([[position]])
+            tokens = torch.tensor([[next_id]], device=device)
+            positions = torch.tensor([[position]], device=device)
     return out
 
 
@@ -83,12 +85,14 @@ def load_model(checkpoint: str, tp: int = 1):
     import torch
     import torch.distributed as dist
 
-    from megatron_llama.convert.run import detect_format
-    from megatron_llama.model.build import build_model, load_meta_state_dict
+    from megatron_llama.convert.run import detect_format, is_adapter_checkpoint
+    from megatron_llama.model.build import build_model, load_weights
     from megatron_llama.model.config import to_transformer_config
     from megatron_llama.parallel import ParallelLayout, init_distributed, initialize
 
     source = detect_format(checkpoint)
+    if source == "megatron" and is_adapter_checkpoint(checkpoint):
+        source = "lora"  # a LoRA run: read merged into its base
     if source == "deepspeed":
         raise ConfigError(f"{checkpoint}: a DeepSpeed checkpoint; convert it first "
                           "(megatron-llama convert --to meta)")
@@ -97,7 +101,7 @@ def load_model(checkpoint: str, tp: int = 1):
     if world != tp:
         raise ConfigError(f"generate runs with TP = world size; got TP={tp}, world {world}")
     dtype = "bf16" if torch.cuda.is_available() else "fp32"
-    if source in ("meta", "hf"):  # full tensors under Meta's names, one reader each
+    if source in ("meta", "hf", "lora"):  # full tensors under Meta's names, one reader each
         from megatron_llama.convert.run import open_source
 
         ckpt = open_source(checkpoint)
@@ -111,10 +115,9 @@ def load_model(checkpoint: str, tp: int = 1):
     layout.check(cfg, world)
     initialize(layout)
     model = build_model(cfg, to_transformer_config(cfg, layout, dtype=dtype))[0]
-    if source in ("meta", "hf"):
-        from megatron_llama.model.canonical import meta_keys
-
-        load_meta_state_dict([model], {k: ckpt.tensor(k) for k in meta_keys(cfg)}, cfg)
+    if source in ("meta", "hf", "lora"):
+        with ckpt:
+            load_weights([model], cfg, ckpt.tensor)
     else:
         from megatron.core import dist_checkpointing
 

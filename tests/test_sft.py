@@ -207,3 +207,27 @@ def test_packed_rows_train_like_unpacked_examples(examples_prefix, tmp_path):
         grads = to_meta(shards, layout)
         for name, g in ref_grads["unpacked"].items():
             assert rel_err(grads[name], g) <= 1e-5, (case, name)
+
+
+def test_thd_input_matches_the_packed_rows(examples_prefix):
+    """The GPU path's THD form of a packed microbatch: rows flattened to one sequence whose
+    cu_seqlens boundaries are exactly where positions restart (every example, then each
+    row's padding tail), with the longest span as max_seqlen."""
+    from megatron_llama.data.sft import SFTExamples, microbatches, plan_rows
+    from megatron_llama.training.engines.megatron_core import thd_batch
+
+    examples = SFTExamples(examples_prefix)
+    rows = plan_rows(examples, picked(examples), SEQ, packed=True)
+    batch = microbatches(examples, rows, SEQ, MICRO)[0]
+    tokens, labels, mask, positions, params = thd_batch(batch)
+    assert tokens.shape == labels.shape == mask.shape == positions.shape == (1, MICRO * SEQ)
+    assert torch.equal(tokens[0], batch["tokens"].reshape(-1))
+    cu = params.cu_seqlens_q
+    assert params.qkv_format == "thd" and torch.equal(cu, params.cu_seqlens_kv)
+    assert cu[0] == 0 and cu[-1] == MICRO * SEQ and bool((cu[1:] > cu[:-1]).all())
+    spans = (cu[1:] - cu[:-1]).tolist()
+    assert params.max_seqlen_q == max(spans)
+    restarts = (positions[0] == 0).nonzero().flatten()
+    assert torch.equal(restarts, cu[:-1].long())
+    n_examples = sum(len(batch_row) for batch_row in rows[:MICRO])
+    assert len(spans) >= n_examples and len(spans) <= n_examples + MICRO

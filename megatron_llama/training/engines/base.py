@@ -88,3 +88,14 @@ def lm_loss(per_token_loss: torch.Tensor, loss_mask: Optional[torch.Tensor] = No
         loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
     # clone: the schedule divides the returned loss in place by the number of microbatches
     return loss, {"lm loss": loss.detach().clone()}
+
+
+def on_model_device(batch: dict, model) -> dict:
+    """The microbatch's tensors on the device of ``model``'s parameters (batches are built
+    on the host; on GPUs they are copied over asynchronously, on CPU nothing moves)."""
+    device = next(model.parameters()).device
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
+

@@ -42,7 +42,7 @@ from megatron_llama.errors import (
 )
 from megatron_llama.fileio import write_json, write_text
 from megatron_llama.model.config import model_differences
-from megatron_llama.training.engines.base import Engine, lm_loss
+from megatron_llama.training.engines.base import Engine, lm_loss, on_model_device
 from megatron_llama.training.engines.verified import (
     choose_iteration,
     describe_write_error,
@@ -175,8 +175,9 @@ class DeepSpeedEngine(Engine):
         return self.optimizer.param_groups[0]["lr"]
 
     def _loss(self, batch: dict, poison: bool = False) -> torch.Tensor:
+        batch = on_model_device(batch, self.engine.module)
         tokens, labels = batch["tokens"], batch["labels"]
-        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         per_token = self.engine(tokens, positions, None, labels=labels)
         return lm_loss(per_token, batch.get("loss_mask"), poison=poison)[0]
 

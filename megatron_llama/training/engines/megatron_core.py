@@ -14,7 +14,7 @@ from typing import Iterable, Optional
 import torch
 
 from megatron_llama.errors import ConfigError
-from megatron_llama.training.engines.base import Engine, lm_loss
+from megatron_llama.training.engines.base import Engine, lm_loss, on_model_device
 from megatron_llama.training.recipe import TrainConfig
 
 
@@ -58,13 +58,18 @@ def _forward_step(data_iterator, model, poison: bool = False):
     """One microbatch: tokens [b, s], labels [b, s] -> per-token loss [b, s] and its reducer."""
     from megatron.core import parallel_state
 
-    batch = next(data_iterator)
+    batch = on_model_device(next(data_iterator), model)
     tokens, labels = batch["tokens"], batch["labels"]
     if "attention_mask" in batch:  # a fine-tuning row (`data.sft`): examples packed in it
-        output = model(tokens, batch["position_ids"], batch["attention_mask"], labels=labels)
+        loss_mask = batch["loss_mask"]
+        if _te_attention(model):  # GPU: THD, no [s, s] mask (TE's varlen flash attention)
+            tokens, labels, loss_mask, positions, packed = thd_batch(batch)
+            output = model(tokens, positions, None, labels=labels, packed_seq_params=packed)
+        else:
+            output = model(tokens, batch["position_ids"], batch["attention_mask"], labels=labels)
         if getattr(model, "config", None) is not None and model.config.calculate_per_token_loss:
-            return output, partial(per_token_lm_loss, loss_mask=batch["loss_mask"], poison=poison)
-        return output, partial(lm_loss, loss_mask=batch["loss_mask"], poison=poison)
+            return output, partial(per_token_lm_loss, loss_mask=loss_mask, poison=poison)
+        return output, partial(lm_loss, loss_mask=loss_mask, poison=poison)
     position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     if parallel_state.get_context_parallel_world_size() > 1:
         tokens, labels, position_ids, mask = context_parallel_slice(
@@ -73,6 +78,33 @@ def _forward_step(data_iterator, model, poison: bool = False):
         return output, partial(context_parallel_lm_loss, loss_mask=mask, poison=poison)
     output = model(tokens, position_ids, None, labels=labels)
     return output, partial(lm_loss, loss_mask=batch.get("loss_mask"), poison=poison)
+
+
+def _te_attention(model) -> bool:
+    """Whether the chunk's core attention is Transformer Engine's (the GPU spec), which
+    takes packed rows as THD with cu_seqlens instead of a dense mask."""
+    inner = getattr(model, "module", model)
+    cached = getattr(inner, "_megatron_llama_te_attention", None)
+    if cached is None:
+        layers = getattr(getattr(inner, "decoder", None), "layers", None) or []
+        cached = bool(layers) and type(
+            layers[0].self_attention.core_attention).__name__.startswith("TE")
+        inner._megatron_llama_te_attention = cached
+    return cached
+
+
+def thd_batch(batch: dict):
+    """A packed microbatch [b, s] as megatron-core's THD input: every row concatenated into
+    one sequence [1, b * s] whose example boundaries are ``cu_seqlens`` (`data.sft.row_batch`),
+    and the matching `PackedSeqParams`; RoPE positions restart at each boundary."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = batch["cu_seqlens"].to(device=batch["tokens"].device, dtype=torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                             max_seqlen_q=longest, max_seqlen_kv=longest)
+    flat = [batch[k].reshape(1, -1) for k in ("tokens", "labels", "loss_mask", "position_ids")]
+    return (*flat, params)
 
 
 def per_token_lm_loss(per_token_loss: torch.Tensor, loss_mask: torch.Tensor,
