@@ -57,9 +57,9 @@ def records(save_dir):
 
 
 def curve(save_dir):
-    """({step: train loss}, {step: validation loss}, packing efficiency) of a run's log."""
+    """({step: (train loss, grad norm)}, {step: validation loss}, packing efficiency)."""
     recs = records(save_dir)
-    train = {r["step"]: r["loss"] for r in recs if "loss" in r}
+    train = {r["step"]: (r["loss"], r["grad_norm"]) for r in recs if "loss" in r}
     valid = {r["step"]: r["val_loss"] for r in recs if "val_loss" in r}
     packing = [r["packing_efficiency"] for r in recs if "packing_efficiency" in r]
     return train, valid, packing
@@ -89,12 +89,23 @@ def test_lora_layouts_resume_and_merge(base, tmp_path):
     run_cli(*lora_args(base, pp2, "--pp", "2", "--nproc-per-node", "2"))
     ref_train, ref_valid, packing = curve(one)
     assert sorted(ref_train) == [1, 2, 3] and 0.5 < packing[0] <= 1.0
-    assert ref_train[3] < ref_train[1] - 0.05  # the adapters learn
+    assert ref_train[3][0] < ref_train[1][0] - 0.05  # the adapters learn
     for run in (tp2, pp2):
         train, valid, _ = curve(run)
-        for step, loss in ref_train.items():
-            assert abs(train[step] - loss) <= 1e-5 * abs(loss), (run, step, train[step], loss)
+        for step, (loss, norm) in ref_train.items():
+            assert abs(train[step][0] - loss) <= 1e-5 * loss, (run, step, train[step], loss)
+            assert abs(train[step][1] - norm) <= 1e-4 * norm, (run, step, train[step], norm)
         assert abs(valid[3] - ref_valid[3]) <= 1e-5 * ref_valid[3]
+    # --from a Hugging Face export of the same base: the same first step
+    from megatron_llama.convert.run import convert
+
+    convert(base["meta"], str(tmp_path / "hf"), "hf", progress=False)
+    from_hf = tmp_path / "from-hf"
+    args = lora_args(base, from_hf)
+    args[args.index("--from") + 1] = str(tmp_path / "hf")
+    args[args.index("--train-steps") + 1] = "1"
+    run_cli(*args)
+    assert abs(curve(from_hf)[0][1][0] - ref_train[1][0]) <= 1e-6 * ref_train[1][0]
     # adapter-only checkpoints: every stored tensor is an adapter or its optimizer state
     from megatron_llama.convert.megatron_checkpoint import stored_shapes
 
@@ -149,3 +160,32 @@ def test_bad_from_is_one_line_and_writes_nothing(base, tmp_path, capsys):
     result = run_cli("finetune", "--from", str(tmp_path), "--data", base["data"], ok=False)
     assert result.returncode == 2 and "unknown checkpoint format" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_recipe_defaults_are_alpacas(base):
+    """No optimizer or batch flag given: the Alpaca recipe (lr 2e-5, 3 epochs over the rows,
+    3 % warmup rounded up, cosine to 0, 128 rows, seq 512 capped by the model, AdamW
+    0.9/0.999 without decay); llama-i's on request; explicit flags win."""
+    import math
+
+    from megatron_llama.cli import build_parser
+    from megatron_llama.data.sft import SFTData
+    from megatron_llama.finetune.commands import finetune_config_from_args
+
+    def config(*extra):
+        args = build_parser().parse_args(["finetune", "--from", base["meta"], "--data",
+                                          base["data"], *extra])
+        return finetune_config_from_args(args)
+
+    cfg, opts = config()
+    rows = len(SFTData(base["data"], seq_length=256, global_batch=128, micro_batch=1,
+                       valid_fraction=0.02, seed=cfg.seed).train_rows)
+    assert (cfg.lr, cfg.global_batch, cfg.seq_length) == (2e-5, 128, CFG.max_seq_len)
+    assert (cfg.weight_decay, cfg.min_lr_ratio, cfg.adam_beta1, cfg.adam_beta2) == (
+        0.0, 0.0, 0.9, 0.999)
+    assert cfg.train_steps == math.ceil(3 * rows / 128) and opts.epochs == 3.0
+    assert cfg.warmup_steps == math.ceil(0.03 * cfg.train_steps)
+    assert cfg.tokenizer.endswith("tokenizer.model") and opts.packed and opts.lora is None
+    cfg, opts = config("--recipe", "llama-i", "--lr", "3e-5", "--epochs", "2")
+    assert (cfg.lr, cfg.global_batch, cfg.weight_decay, cfg.adam_beta2) == (3e-5, 64, 0.1, 0.95)
+    assert opts.epochs == 2.0 and cfg.min_lr_ratio == 0.1

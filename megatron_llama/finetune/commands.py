@@ -53,6 +53,20 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
                     metavar="LINEAR", help=f"linears to adapt ({' '.join(LORA_TARGETS)})")
     add_pretrain_args(p)
     p.set_defaults(preset=None, **{k: None for k in RECIPE_FLAGS})
+    helps = {"--preset": "a preset the --from checkpoint must match in shape (default: the "
+                         "checkpoint's own shape)",
+             "--data": "the prefix `megatron-llama finetune-data` wrote (PREFIX.bin/.idx and "
+                       "PREFIX.mask.bin/.idx)",
+             "--tokenizer": "tokenizer.model the data was tokenized with (default: the "
+                            "checkpoint's own)"}
+    for flag, text in helps.items():
+        p._option_string_actions[flag].help = text
+    for flag in RECIPE_FLAGS:  # their pretraining defaults do not apply: the recipe's do
+        action = p._option_string_actions["--" + flag.replace("_", "-")]
+        action.help = action.help.split(" (")[0] + {
+            "train_steps": " (default: --epochs passes over the training rows)",
+            "warmup_steps": " (default: --warmup-ratio of the steps)"}.get(
+                flag, " (default: the recipe's)")
 
 
 def finetune_config_from_args(args: argparse.Namespace):
@@ -136,11 +150,12 @@ def finetune_config_from_args(args: argparse.Namespace):
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from megatron_llama.finetune.run import finetune
+    from megatron_llama.finetune.run import check_finetune, finetune
     from megatron_llama.local_ranks import run_cli_ranks, under_launcher
     from megatron_llama.training.loop import preflight
 
     cfg, opts = finetune_config_from_args(args)
+    check_finetune(cfg, opts)
     if args.nproc_per_node and args.nproc_per_node > 1 and not under_launcher():
         preflight(cfg, args.nproc_per_node, ranks_here=args.nproc_per_node, warn=False)
         return run_cli_ranks(args.nproc_per_node, sys.argv[1:])

@@ -113,14 +113,14 @@ def finetune_hooks(cfg: TrainConfig, opts: FinetuneOptions) -> RunHooks:
     if opts.lora is not None:
         metadata.update(adapters_only=True, lora=opts.lora.to_dict(),
                         base=os.path.abspath(opts.init_from))
-    return RunHooks(title="fine-tuning", prepare_model=partial(_prepare_model, cfg, opts),
+    return RunHooks(title="fine-tuning", validate_at_end=True, prepare_model=partial(_prepare_model, cfg, opts),
                     build_data=partial(_build_data, opts),
                     transformer_overrides={"calculate_per_token_loss": True},
                     metadata=metadata)
 
 
-def finetune(cfg: TrainConfig, opts: FinetuneOptions) -> dict:
-    """Run (or resume) fine-tuning; returns the loop's summary."""
+def check_finetune(cfg: TrainConfig, opts: FinetuneOptions) -> None:
+    """What fine-tuning refuses beyond pretraining's checks (one line each)."""
     if cfg.engine != "megatron":
         raise ConfigError("finetune runs on the megatron engine (its per-token loss over the "
                           "global batch and LoRA's frozen base); drop --engine deepspeed")
@@ -129,6 +129,11 @@ def finetune(cfg: TrainConfig, opts: FinetuneOptions) -> dict:
                           "(drop --cp)")
     if opts.lora is not None:
         opts.lora.check()
+
+
+def finetune(cfg: TrainConfig, opts: FinetuneOptions) -> dict:
+    """Run (or resume) fine-tuning; returns the loop's summary."""
+    check_finetune(cfg, opts)
     summary = pretrain(cfg, finetune_hooks(cfg, opts))
     if int(os.environ.get("RANK", 0)) == 0 and cfg.save_dir and summary.get("status"):
         how = ("`megatron-llama merge-lora --input {d} --to hf --output OUT`" if opts.lora

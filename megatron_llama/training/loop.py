@@ -60,6 +60,7 @@ class RunHooks:
     go to `to_transformer_config`; ``metadata`` is added to every checkpoint's."""
 
     title: str = "pretraining"
+    validate_at_end: bool = False  # also after the last step (with --eval-interval)
     prepare_model: Optional[Callable] = None
     build_data: Optional[Callable] = None
     transformer_overrides: dict = field(default_factory=dict)
@@ -252,7 +253,8 @@ def _train(cfg: TrainConfig, tokenizer, rank: int, world: int, watchdog: Watchdo
             if it % cfg.log_interval == 0 or it == cfg.train_steps:
                 log.write(record, echo=_format(record))
             watchdog.beat(it, elapsed)
-            if cfg.eval_interval and it % cfg.eval_interval == 0:
+            if cfg.eval_interval and (it % cfg.eval_interval == 0 or (
+                    hooks.validate_at_end and it == cfg.train_steps)):
                 with watchdog.long(f"validation after step {it}"):
                     _evaluate(engine, data, cfg, log, it)
             exiting = bool(cfg.exit_after_steps) and it >= cfg.exit_after_steps
