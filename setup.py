@@ -27,6 +27,7 @@ setup(
         "tokenizers",   # the tokenizer.json of a Hugging Face export; training tiktoken ranks
         "tiktoken",     # Llama 3's tokenizer.model is a tiktoken BPE rank file
         "jinja2",       # chat templates (Llama 2 [INST], Llama 3 headers), as Hugging Face renders them
+        "protobuf",     # SentencePiece's model proto, read for the tokenizer.json of an HF export
     ],
     extras_require={
         # a command that needs a missing extra says so in one line (errors.require)

@@ -85,49 +85,23 @@ def load_model(checkpoint: str, tp: int = 1):
     import torch
     import torch.distributed as dist
 
-    from megatron_llama.convert.run import detect_format, is_adapter_checkpoint
-    from megatron_llama.model.build import build_model, load_weights
+    from megatron_llama.convert.load import checkpoint_config, load_into
+    from megatron_llama.model.build import build_model
     from megatron_llama.model.config import to_transformer_config
     from megatron_llama.parallel import ParallelLayout, init_distributed, initialize
 
-    source = detect_format(checkpoint)
-    if source == "megatron" and is_adapter_checkpoint(checkpoint):
-        source = "lora"  # a LoRA run: read merged into its base
-    if source == "deepspeed":
-        raise ConfigError(f"{checkpoint}: a DeepSpeed checkpoint; convert it first "
-                          "(megatron-llama convert --to meta)")
+    cfg, tokenizer, source = checkpoint_config(checkpoint)
     _, world = init_distributed()
     layout = ParallelLayout(tp=tp)
     if world != tp:
         raise ConfigError(f"generate runs with TP = world size; got TP={tp}, world {world}")
     dtype = "bf16" if torch.cuda.is_available() else "fp32"
-    if source in ("meta", "hf", "lora"):  # full tensors under Meta's names, one reader each
-        from megatron_llama.convert.run import open_source
-
-        ckpt = open_source(checkpoint)
-        cfg, tokenizer = ckpt.config, ckpt.tokenizer
-    else:
-        from megatron_llama.convert.megatron_checkpoint import read_metadata
-
-        path, meta = read_metadata(checkpoint)
-        cfg = LlamaConfig.from_dict(meta["model"])
-        tokenizer = meta.get("tokenizer")
     layout.check(cfg, world)
     initialize(layout)
     model = build_model(cfg, to_transformer_config(cfg, layout, dtype=dtype))[0]
-    if source in ("meta", "hf", "lora"):
-        with ckpt:
-            load_weights([model], cfg, ckpt.tensor)
-    else:
-        from megatron.core import dist_checkpointing
-
-        from megatron_llama.compat.safe_loading import reading
-
-        with reading(path):  # no pickled code runs
-            loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)
-        model.load_state_dict(loaded["model"], strict=True)
+    load_into([model], cfg, checkpoint, source)
     dist.barrier()
-    return model, cfg, tokenizer if tokenizer and os.path.isfile(tokenizer) else None
+    return model, cfg, tokenizer
 
 
 def generate_text(checkpoint: str, prompt: str, sampling: Sampling, tp: int = 1,
