@@ -35,13 +35,21 @@ setup(
         "wandb": ["wandb"],                  # --wandb-project
         "plot": ["matplotlib"],              # megatron-llama plot, the benchmark sweep chart
         "hf": ["transformers>=4.47,<6"],     # --compare-hf; exports tested with 4.47.1 and 5.24
-        "all": ["deepspeed==0.19.8", "wandb", "matplotlib", "transformers>=4.47,<6"],
+        # megatron-llama evaluate / lm-eval, the megatron_llama backend; tested with 0.4.13
+        "eval": ["lm-eval==0.4.13"],
+        "all": ["deepspeed==0.19.8", "wandb", "matplotlib", "transformers>=4.47,<6",
+                "lm-eval==0.4.13"],
         # transformers 4.47.1: the last release with Hugging Face's own Meta->HF conversion
         # script, which the tests compare our export against.
+        # lm-eval's datasets and hub kept at versions transformers 4.47.1 accepts (hub < 1)
         "test": ["pytest", "pytest-timeout", "transformers==4.47.1", "accelerate", "protobuf",
-                 "deepspeed==0.19.8", "wandb", "matplotlib"],
+                 "deepspeed==0.19.8", "wandb", "matplotlib", "lm-eval==0.4.13", "datasets<5",
+                 "huggingface-hub>=0.24,<1.0"],
     },
-    entry_points={"console_scripts": ["megatron-llama=megatron_llama.cli:main"]},
+    entry_points={"console_scripts": ["megatron-llama=megatron_llama.cli:main"],
+                  # for lm-eval releases that discover models by entry point (0.4.13 does
+                  # not: use `megatron-llama lm-eval`, or import megatron_llama.evaluate.backend)
+                  "lm_eval.models": ["megatron_llama=megatron_llama.evaluate.backend:MegatronLlamaLM"]},
     classifiers=["License :: OSI Approved :: Apache Software License",
                  "Programming Language :: Python :: 3"],
 )

@@ -23,6 +23,7 @@ from megatron_llama.bench import benchmark_command, plan_command
 from megatron_llama.convert import commands as convert_commands
 from megatron_llama.data import commands as data_commands
 from megatron_llama.errors import ConfigError
+from megatron_llama.evaluate import commands as evaluate_commands
 from megatron_llama.finetune import commands as finetune_commands
 from megatron_llama.launch import commands as launch_commands
 from megatron_llama.model import commands as model_commands
@@ -30,7 +31,8 @@ from megatron_llama.training import commands as training_commands
 
 # In `--help` order: inspect, data, train, convert and use, launch on a cluster, measure.
 COMMAND_MODULES = (model_commands, selfcheck, data_commands, training_commands,
-                   finetune_commands, convert_commands, generate, launch_commands, benchmark_command, plan_command)
+                   finetune_commands, convert_commands, generate, evaluate_commands,
+                   launch_commands, benchmark_command, plan_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

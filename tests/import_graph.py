@@ -22,7 +22,7 @@ STAGES = {
     "model": 3, "data": 3,
     "parallel": 4,
     "training": 5, "convert": 5,
-    "generate": 6, "launch": 6, "finetune": 6,
+    "generate": 6, "launch": 6, "finetune": 6, "evaluate": 6,
     "selfcheck": 7, "bench": 7,
     "cli": 8,
 }

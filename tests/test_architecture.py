@@ -19,7 +19,8 @@ from tests import import_graph
 PACKAGE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "megatron_llama")
 COMMANDS = {"info", "selfcheck", "corpus", "train-tokenizer", "preprocess", "finetune-data",
-            "pretrain", "plot", "convert", "generate", "sbatch", "benchmark", "plan"}
+            "pretrain", "plot", "finetune", "convert", "merge-lora", "generate", "evaluate",
+            "lm-eval", "sbatch", "benchmark", "plan"}
 
 
 def test_imports_have_no_cycle_and_run_one_way():

@@ -1,0 +1,147 @@
+"""Log-likelihoods and greedy continuations from a model sharded over TP x PP ranks.
+
+Rank 0 decides what to compute (it talks to lm-evaluation-harness); every other rank runs
+`Scorer.serve`, receiving each batch from rank 0 (one `broadcast_object_list`) and taking
+its part in the same forward: megatron-core's schedule for the layout, forward-only, with
+the vocabulary-parallel logits gathered over TP on the last stage. The last stage turns
+logits into scores and sends them to rank 0. Every forward is a collective, so all ranks
+see the same batches in the same order.
+
+A scoring row is ``(tokens, n)``: the log-probability of the last ``n`` tokens of
+``tokens`` given the ones before, and whether each of them is the argmax (greedy). Rows
+are sorted by length (longest first, as lm-eval's own backends do), cut into batches of
+``batch_size`` rows padded to the longest, and unsorted on return.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Optional, Sequence
+
+import torch
+
+STOP, SCORE = "stop", "score"
+
+
+class Scorer:
+    """Scores rows on this rank's model chunks (see the module doc)."""
+
+    def __init__(self, chunks: list, cfg, tconfig, batch_size: int = 16):
+        from megatron.core import parallel_state as ps
+
+        self.chunks, self.cfg, self.tconfig, self.batch_size = chunks, cfg, tconfig, batch_size
+        self.rank = torch.distributed.get_rank()
+        # the rank that holds the loss-stage outputs to send: last stage, TP rank 0
+        self.last = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+        self.last_global = self._last_rank()
+        for chunk in chunks:
+            chunk.eval()
+
+    @staticmethod
+    def _last_rank() -> int:
+        from megatron.core import parallel_state as ps
+
+        flag = torch.tensor([torch.distributed.get_rank() if ps.is_pipeline_last_stage()
+                             and ps.get_tensor_model_parallel_rank() == 0 else -1])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item())
+
+    # ---- rank 0 ------------------------------------------------------------------------
+    def score(self, rows: Sequence[tuple[Sequence[int], int]],
+              progress=None) -> list[tuple[float, bool]]:
+        """(log-probability, greedy) of each row; called on rank 0 only."""
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+        out: list[Optional[tuple[float, bool]]] = [None] * len(rows)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            batch = [(list(rows[i][0]), int(rows[i][1])) for i in idx]
+            for i, result in zip(idx, self._run(batch)):
+                out[i] = result[:2]
+            if progress is not None:
+                progress.update(len(idx))
+        return out  # type: ignore[return-value]
+
+    def next_tokens(self, sequences: Sequence[Sequence[int]]) -> list[int]:
+        """The argmax token after each sequence (one forward; rank 0 only)."""
+        rows = [(list(seq) + [0], 1) for seq in sequences]
+        return [int(r[2]) for r in self._run(rows, full=True)]
+
+    def stop(self) -> None:
+        """Release the other ranks from `serve` (rank 0, once, at the end)."""
+        if torch.distributed.get_world_size() > 1:
+            torch.distributed.broadcast_object_list([STOP], src=0)
+
+    def _run(self, batch: list[tuple[list[int], int]], full: bool = False) -> list[tuple]:
+        if torch.distributed.get_world_size() > 1:
+            torch.distributed.broadcast_object_list([(SCORE, batch)], src=0)
+        return self._forward(batch)
+
+    # ---- every other rank --------------------------------------------------------------
+    def serve(self) -> None:
+        """Follow rank 0's batches until it says stop (ranks other than 0)."""
+        while True:
+            message = [None]
+            torch.distributed.broadcast_object_list(message, src=0)
+            if message[0] == STOP:
+                return
+            _, batch = message[0]
+            self._forward(batch)
+
+    # ---- all ranks ---------------------------------------------------------------------
+    def _forward(self, batch: list[tuple[list[int], int]]) -> list[tuple[float, bool, int]]:
+        """One forward of ``batch`` on every rank; the scores end on rank 0."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        width = max(len(t) for t, _ in batch) - 1
+        tokens = torch.zeros(len(batch), width, dtype=torch.long)
+        targets = torch.zeros(len(batch), width, dtype=torch.long)
+        lengths = []
+        for r, (ids, n) in enumerate(batch):
+            t = torch.tensor(ids)
+            tokens[r, :len(ids) - 1], targets[r, :len(ids) - 1] = t[:-1], t[1:]
+            lengths.append((len(ids) - 1, n))
+        device = next(self.chunks[0].parameters()).device
+        micro = {"tokens": tokens.to(device), "targets": targets.to(device),
+                 "lengths": lengths}
+        iterator = [iter([micro]) for _ in self.chunks] if len(self.chunks) > 1 else iter([micro])
+        with torch.no_grad():
+            stored = get_forward_backward_func()(
+                forward_step_func=partial(_forward_step, vocab=self.cfg.vocab_size),
+                data_iterator=iterator,
+                model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+                num_microbatches=1, seq_length=width, micro_batch_size=len(batch),
+                forward_only=True)
+        scores = stored[0]["scores"].tolist() if self.last and stored else None
+        if self.last_global != 0:  # PP: the last stage is not rank 0 (every rank joins)
+            holder = [scores]
+            torch.distributed.broadcast_object_list(holder, src=self.last_global)
+            scores = holder[0]
+        if self.rank != 0:
+            return []
+        return [(float(lp), bool(g), int(nxt)) for lp, g, nxt in scores]
+
+
+def _forward_step(data_iterator, model, vocab: int):
+    micro = next(data_iterator)
+    tokens = micro["tokens"]
+    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    logits = model(tokens, positions, None, runtime_gather_output=True)
+    return logits, partial(_scores, targets=micro["targets"], lengths=micro["lengths"],
+                           vocab=vocab)
+
+
+def _scores(logits: torch.Tensor, targets: torch.Tensor, lengths, vocab: int):
+    """[(sum of log-probs of each row's last n targets, all of them argmax, the argmax after
+    the row's last input)] from the full logits [b, s, V_padded] (the vocabulary's padding
+    entries dropped first)."""
+    logp = torch.log_softmax(logits[..., :vocab].float(), dim=-1)
+    out = []
+    for r, (length, n) in enumerate(lengths):
+        span = logp[r, length - n:length]  # [n, V]
+        want = targets[r, length - n:length]
+        picked = span.gather(-1, want[:, None]).squeeze(-1)
+        best = span.argmax(-1)
+        out.append([picked.double().sum().item(), float(bool((best == want).all())),
+                    float(logp[r, length - 1].argmax().item())])
+    scores = torch.tensor(out, dtype=torch.float64)
+    return torch.zeros((), device=logits.device), {"scores": scores}

@@ -1,0 +1,145 @@
+"""Evaluation against an oracle: the megatron_llama backend on a Megatron checkpoint at
+TP=2 gives the per-request log-likelihoods of lm-eval's own `hf` backend on the Hugging
+Face export of the same model (<= 1e-4), the same accuracies and the same generations; the
+paper's scoring matches a hand computation from the `hf` backend; bad input is one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_llama.model.config import LlamaConfig
+from tests.llama_testing import random_meta_weights
+
+lm_eval = pytest.importorskip("lm_eval")
+pytest.importorskip("transformers")
+
+CFG = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=16,
+                  max_seq_len=256)
+LIMIT = "16"
+
+
+def run_cli(*args, ok=True, timeout=900):
+    result = subprocess.run([sys.executable, "-m", "megatron_llama.cli", *args],
+                            capture_output=True, text=True, timeout=timeout,
+                            env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    if ok:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory, megatron_single):
+    """A random tiny model as Meta, Megatron (via convert) and Hugging Face directories."""
+    from megatron_llama.convert.run import convert
+    from megatron_llama.data.corpus import pydoc_documents
+    from megatron_llama.data.tokenizer import train_tokenizer
+
+    d = tmp_path_factory.mktemp("evaluate")
+    (d / "prose.txt").write_text("\n".join(p["text"] for p in pydoc_documents()))
+    tok = train_tokenizer([str(d / "prose.txt")], str(d / "tok"), vocab_size=CFG.vocab_size)
+    meta = d / "meta"
+    meta.mkdir()
+    torch.save(random_meta_weights(CFG, seed=11), meta / "consolidated.00.pth")
+    CFG.to_params_json(str(meta / "params.json"))
+    shutil.copy(tok, meta / "tokenizer.model")
+    convert(str(meta), str(d / "megatron"), "megatron", progress=False)
+    convert(str(meta), str(d / "hf"), "hf", progress=False)
+    return d
+
+
+@pytest.mark.multiprocess
+def test_backend_equals_lm_evals_hf_backend(model, tmp_path):
+    from lm_eval.models.huggingface import HFLM
+
+    from megatron_llama.evaluate.paper import ANSWER_CONTEXT
+    from megatron_llama.evaluate.run import suite_dir, task_manager
+    from megatron_llama.evaluate.suite import TASKS
+
+    out = tmp_path / "results.json"
+    printed = run_cli("evaluate", "--checkpoint", str(model / "megatron"), "--tasks", "suite",
+                      "--tp", "2", "--nproc-per-node", "2", "--limit", LIMIT, "--log-samples",
+                      "--output", str(out)).stdout
+    assert "acc_paper" in printed and "mini_hellaswag" in printed
+    ours = json.loads(out.read_text())
+    rows = {(r["task"], r["metric"]): r for r in ours["results"]}
+
+    manager = task_manager((), TASKS)
+    hf = HFLM(pretrained=str(model / "hf"), dtype="float32", device="cpu", batch_size=16,
+              add_bos_token=True)
+    theirs = lm_eval.simple_evaluate(model=hf, tasks=list(TASKS), limit=float(LIMIT),
+                                     task_manager=manager, log_samples=True)
+    largest, same_text = 0.0, 0
+    for task in TASKS:
+        mine = {(s["doc_id"], i): r for s in ours["samples"][task]
+                for i, r in enumerate(s["resps"])}
+        ref = {(s["doc_id"], i): r for s in theirs["samples"][task]
+               for i, r in enumerate(s["filtered_resps"])}
+        assert mine.keys() == ref.keys() and len(mine) >= int(LIMIT)
+        for key, r in ref.items():
+            if isinstance(r, str):  # generate_until: the same greedy text, except where a
+                # random model emits invalid UTF-8 byte runs, which SentencePiece decodes
+                # byte by byte and HF's ByteFallback as U+FFFD each: equal up to there
+                cut = r.find("\ufffd")
+                assert (mine[key] == r if cut < 0 else mine[key][:cut] == r[:cut]), (
+                    task, key, mine[key], r)
+                same_text += mine[key] == r
+            else:
+                largest = max(largest, abs(mine[key][0] - r[0]))
+                assert mine[key][1] == r[1], (task, key)
+        for metric, value in theirs["results"][task].items():
+            name = metric.split(",")[0]
+            if "," in metric and "_stderr" not in metric:
+                assert rows[(task, name)]["value"] == value, (task, metric)
+    assert largest <= 1e-4, largest
+    assert same_text >= 4  # generations compared whole
+    print(f"largest log-likelihood difference: {largest:.2e}")
+    # the paper's rule: characters for the others (= acc_norm), "Answer:" for BoolQ
+    for task in ("mini_hellaswag", "mini_piqa", "mini_arc"):
+        assert rows[(task, "acc_paper")]["value"] == rows[(task, "acc_norm")]["value"]
+    right = 0
+    for s in theirs["samples"]["mini_boolq"]:
+        conts = [c for _, c in s["arguments"]]
+        given = [r[0] for r in s["filtered_resps"]]
+        alone = [ll for ll, _ in hf.loglikelihood(
+            [type("R", (), {"args": (ANSWER_CONTEXT, c)})() for c in conts])]
+        pick = max(range(len(conts)), key=lambda i: given[i] - alone[i])
+        right += pick == int(s["target"])
+    assert rows[("mini_boolq", "acc_paper")]["value"] == right / len(theirs["samples"]["mini_boolq"])
+    assert os.path.isdir(suite_dir())
+
+
+def test_bad_input_is_one_line(model, tmp_path, capsys):
+    from megatron_llama.cli import main
+
+    bad_task = tmp_path / "tasks"
+    bad_task.mkdir()
+    (bad_task / "broken.yaml").write_text(
+        "task: broken_task\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'missing.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n")
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    (hub / "hub.yaml").write_text("task: hub_task\ndataset_path: some-org/some-dataset\n"
+                                  "output_type: multiple_choice\ndoc_to_text: x\n")
+    cases = [
+        (["--tasks", "mini_hellaswagg"], "unknown task 'mini_hellaswagg'; did you mean "
+                                         "mini_hellaswag"),
+        (["--tasks", "broken_task", "--include-path", str(bad_task)], "broken.yaml"),
+        (["--tasks", "hub_task", "--include-path", str(hub)], "from the Hugging Face Hub, and "
+                                                              "evaluation is offline"),
+    ]
+    for extra, message in cases:
+        code = main(["evaluate", "--checkpoint", str(model / "meta"), *extra,
+                     "--output", str(tmp_path / "r.json")])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    code = main(["evaluate", "--checkpoint", str(tmp_path), "--tasks", "suite"])
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown checkpoint format" in err
+    assert not (tmp_path / "r.json").exists()
