@@ -216,10 +216,12 @@ def _slurm_rendezvous() -> None:
 
 
 def distributed_backend() -> str:
-    """The torch.distributed backend for this host: nccl with CUDA, gloo without."""
+    """The torch.distributed backend for this host: with CUDA, nccl for GPU tensors and gloo
+    for the few small CPU tensors the loop and the checkpoint code exchange (a loss and a
+    signal flag, error agreement); gloo alone without CUDA."""
     import torch
 
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
 
 
 def init_distributed(timeout_s: int = 600) -> tuple[int, int]:
@@ -238,7 +240,7 @@ def init_distributed(timeout_s: int = 600) -> tuple[int, int]:
     world = launcher_world_size()
     timeout = datetime.timedelta(seconds=timeout_s)
     backend = distributed_backend()
-    if backend == "nccl":
+    if "nccl" in backend:
         local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
         torch.cuda.set_device(local_rank)
     if world == 1 and "MASTER_ADDR" not in os.environ:

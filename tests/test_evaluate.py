@@ -143,3 +143,56 @@ def test_bad_input_is_one_line(model, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "unknown checkpoint format" in err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_perplexity_of_the_validation_split(model, tmp_path):
+    """`evaluate --perplexity` scores the validation sequences pretrain builds from a dataset
+    prefix; the reference forward over the same sequences gives the same perplexity."""
+    import math
+
+    from megatron_llama.cli import main
+    from megatron_llama.data.blend import build_gpt_datasets, resolve_data
+    from megatron_llama.data.corpus import pydoc_documents
+    from megatron_llama.data.preprocess import preprocess
+    from megatron_llama.data.tokenizer import Tokenizer
+    from tests.llama_testing import reference_logits
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": d["text"]}) + "\n" for d in pydoc_documents()))
+    tokenizer = str(model / "meta" / "tokenizer.model")
+    preprocess([str(docs)], str(tmp_path / "val"), tokenizer, workers=1, progress=False)
+    out = tmp_path / "ppl.json"
+    assert main(["evaluate", "--checkpoint", str(model / "meta"), "--perplexity",
+                 str(tmp_path / "val"), "--perplexity-samples", "4", "--output", str(out)]) == 0
+    rows = {r["metric"]: r for r in json.loads(out.read_text())["results"]}
+    tok = Tokenizer(tokenizer)
+    _, valid, _ = build_gpt_datasets(resolve_data(str(tmp_path / "val")),
+                                     vocab_size=tok.vocab_size, eod=tok.eos_id,
+                                     seq_length=CFG.max_seq_len, samples=(1, 4, 0), seed=1234)
+    weights = torch.load(model / "meta" / "consolidated.00.pth", weights_only=True)
+    total, count = 0.0, 0
+    for i in range(4):
+        s = valid[i]
+        tokens, labels = torch.as_tensor(s["tokens"])[None], torch.as_tensor(s["labels"])
+        logits = reference_logits(weights, CFG, tokens)[0].double()
+        total += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        count += len(labels)
+    assert rows["perplexity"]["n"] == 4 and rows["loss"]["n"] == count
+    assert abs(rows["loss"]["value"] - total / count) <= 1e-5 * total / count
+    assert abs(rows["perplexity"]["value"] - math.exp(total / count)) <= 1e-4 * math.exp(
+        total / count)
+
+
+def test_lm_eval_command_line_runs_the_backend(model, tmp_path):
+    """lm-eval's own CLI (`megatron-llama lm-eval run ...`) with --model megatron_llama."""
+    from megatron_llama.evaluate.run import suite_dir, task_manager
+
+    task_manager((), ["mini_arc"])  # writes the suite
+    result = subprocess.run(
+        [sys.executable, "-m", "megatron_llama.cli", "lm-eval", "run", "--model",
+         "megatron_llama", "--model_args", f"checkpoint={model / 'meta'}", "--tasks",
+         "mini_arc", "--include_path", suite_dir(), "--limit", "4", "--batch_size", "4"],
+        capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, PYTHONWARNINGS="ignore", HF_DATASETS_OFFLINE="1"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "mini_arc" in result.stdout and "acc_norm" in result.stdout

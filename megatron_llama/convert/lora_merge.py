@@ -21,8 +21,8 @@ from megatron_llama.convert.megatron_checkpoint import (
 )
 from megatron_llama.convert.source import WeightSource, refuse_if_damaged
 from megatron_llama.errors import ConfigError
-from megatron_llama.model.canonical import META_LAYER_KEYS, layer_index
-from megatron_llama.model.config import model_differences
+from megatron_llama.model.canonical import META_LAYER_KEYS, layer_index, shape_mismatch
+from megatron_llama.model.config import LlamaConfig
 from megatron_llama.model.lora import ADAPTER_KEYS, merge_layer
 
 
@@ -55,11 +55,12 @@ class LoraMergedSource(WeightSource):
         except (KeyError, TypeError, ValueError, ZeroDivisionError):
             raise ConfigError(f"{os.path.join(self.path, METADATA)}: no valid lora settings "
                               "(rank, alpha)") from None
-        diff = model_differences(meta["model"], base.config.to_params_json(meta_style=False))
-        if diff:
+        trained = LlamaConfig.from_dict(meta["model"], source=os.path.join(self.path, METADATA))
+        problems = shape_mismatch(base.config, trained)
+        if problems:
             raise ConfigError(f"{base.description}: not the base of {self.path} "
-                              f"({', '.join(diff)} differ)")
-        self.config, self.dtype = self.base.config, self.base.dtype
+                              f"({'; '.join(problems[:2])})")
+        self.config, self.dtype = trained, self.base.dtype  # the run's (e.g. its context)
         self.tokenizer = self.base.tokenizer
         self.description = f"{self.base.description} + LoRA adapters (rank {lora['rank']})"
         self._shapes = stored_shapes(self.path)

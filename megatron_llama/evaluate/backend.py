@@ -81,7 +81,7 @@ class MegatronLlamaLM(TemplateLM):
         rows = []
         for _, context, continuation in requests:
             whole = (list(context) + list(continuation))[-(self.max_length + 1):]
-            rows.append((whole, len(continuation)))
+            rows.append((whole, min(len(continuation), len(whole) - 1)))
         bar = tqdm(total=len(rows), desc="log-likelihoods", disable=disable_tqdm)
         results = self.session.scorer.score(rows, progress=bar)
         bar.close()
@@ -96,7 +96,7 @@ class MegatronLlamaLM(TemplateLM):
         windows, owner = [], []
         for k, request in enumerate(requests):
             (text,) = request.args
-            tokens = self.tok_encode(text, add_special_tokens=False)
+            tokens = self.tok_encode(text)  # as lm-eval's hf backend: BOS if add_bos_token
             for pair in get_rolling_token_windows(tokens, self.prefix_token_id,
                                                   self.max_length, 1):
                 ctx, cont = make_disjoint_window(pair)

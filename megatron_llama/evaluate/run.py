@@ -95,15 +95,36 @@ def paper_scores(lm, results: dict) -> dict[str, tuple[float, int]]:
                      if pending else [])
     out = {}
     for task, samples in per_task.items():
-        right = 0
+        right, scored = 0, True
         for s in samples:
             conts = [c for _, c in s["arguments"]]
             lls = [r[0] for r in s["filtered_resps"]]
             answer = [next(answer_ll) for _ in conts] if uses_answer_context(task) else None
             choices = [c[1:] if c.startswith(" ") else c for c in conts]
-            right += paper_choice(task, lls, choices, answer) == int(s["target"])
-        out[task] = (right / max(1, len(samples)), len(samples))
+            gold = gold_index(s["target"], choices)
+            scored = scored and gold is not None
+            if gold is not None:
+                right += paper_choice(task, lls, choices, answer) == gold
+        if scored:  # tasks whose gold answer is not a choice index (e.g. WinoGrande's
+            out[task] = (right / max(1, len(samples)), len(samples))  # contexts) get none
     return out
+
+
+def gold_index(target, choices: Sequence[str]) -> Optional[int]:
+    """The gold choice's index from a logged target: an index, or one choice's text."""
+    if isinstance(target, (list, tuple)):
+        target = target[0] if len(target) == 1 else None
+    if isinstance(target, bool):
+        return int(target)
+    if isinstance(target, int):
+        return target if 0 <= target < len(choices) else None
+    if isinstance(target, str):
+        if target.strip().lstrip("-").isdigit():
+            index = int(target)
+            return index if 0 <= index < len(choices) else None
+        text = target.strip()
+        return next((i for i, c in enumerate(choices) if c.strip() == text), None)
+    return None
 
 
 def result_rows(results: dict, paper: dict, preset: Optional[str]) -> list[dict]:
@@ -167,8 +188,8 @@ def evaluate(checkpoint: str, tasks: Sequence[str], *, tp: int = 1, pp: int = 1,
              include_paths: Sequence[str] = (), online: bool = False,
              perplexity_data: Optional[str] = None, perplexity_samples: int = 64,
              seed: int = 1234) -> Optional[dict]:
-    """Run the evaluation on every rank; rank 0 returns {"rows", "table", "results"}
-    (the other ranks return None once rank 0 is done)."""
+    """Run the evaluation on every rank; rank 0 returns {"rows", "table", "results"}; the
+    other ranks serve rank 0's forwards and exit the process (status 0) when it is done."""
     if not online:
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -134,7 +134,7 @@ def write_suite(directory: str) -> list[str]:
         files = {}
         for split in ("train", "test"):
             path = os.path.abspath(os.path.join(directory, f"{task}.{split}.jsonl"))
-            tmp = path + ".tmp"
+            tmp = f"{path}.{os.getpid()}.tmp"  # ranks may write at once: same bytes
             with open(tmp, "w") as f:
                 f.writelines(json.dumps(d) + "\n" for d in items(task, split))
             os.replace(tmp, path)
@@ -142,7 +142,7 @@ def write_suite(directory: str) -> list[str]:
         spec = {"task": task, "tag": ["megatron_llama_suite"], "dataset_path": "json",
                 "dataset_kwargs": {"data_files": files}, "training_split": "train",
                 "fewshot_split": "train", "test_split": "test", **TASK_FIELDS[task]}
-        tmp = os.path.join(directory, f"{task}.yaml.tmp")
+        tmp = os.path.join(directory, f"{task}.yaml.{os.getpid()}.tmp")
         with open(tmp, "w") as f:
             yaml.safe_dump(spec, f, sort_keys=False)
         os.replace(tmp, os.path.join(directory, f"{task}.yaml"))

@@ -85,7 +85,7 @@ def finetune_config_from_args(args: argparse.Namespace):
         steps_for,
         warmup_for,
     )
-    from megatron_llama.finetune.run import shape_mismatch
+    from megatron_llama.model.canonical import shape_mismatch
     from megatron_llama.model.presets import get_preset
     from megatron_llama.parallel import ParallelLayout
     from megatron_llama.training.commands import MODEL_FIELDS
@@ -99,14 +99,18 @@ def finetune_config_from_args(args: argparse.Namespace):
                           "`finetune-data`, which accepts several inputs)")
     with open_source(args.init_from) as source:
         model, source_tokenizer = source.config, source.tokenizer
-    wanted = get_preset(args.preset).model if args.preset else model
     overrides = {k: getattr(args, k) for k in MODEL_FIELDS  # (a flag not given: None / False)
                  if getattr(args, k) is not None and getattr(args, k) is not False}
-    wanted = wanted.replace(**overrides)
+    if args.preset:  # a preset only states the shape expected of the checkpoint
+        problems = shape_mismatch(model, get_preset(args.preset).model.replace(**overrides))
+        if problems:
+            raise ConfigError(f"{args.init_from}: does not fit --preset {args.preset} "
+                              f"({'; '.join(problems[:2])})")
+    wanted = model.replace(**overrides)  # the checkpoint's model; flags change what they name
     problems = shape_mismatch(model, wanted)
     if problems:
-        what = f"--preset {args.preset}" if args.preset else "the model flags"
-        raise ConfigError(f"{args.init_from}: does not fit {what} ({'; '.join(problems[:2])})")
+        raise ConfigError(f"{args.init_from}: does not fit the model flags "
+                          f"({'; '.join(problems[:2])})")
     tokenizer = args.tokenizer or source_tokenizer
     if not tokenizer:
         raise ConfigError(f"{args.init_from}: no tokenizer.model found with the checkpoint; "

@@ -55,6 +55,8 @@ class LoraSettings:
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
         unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if len(set(self.targets)) != len(self.targets):
+            raise ConfigError(f"--lora-targets: {' '.join(self.targets)} names a linear twice")
         if unknown or not self.targets:
             raise ConfigError(f"--lora-targets: unknown {unknown or 'empty set'}; choose from "
                               f"{', '.join(LORA_TARGETS)}")

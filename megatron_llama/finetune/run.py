@@ -24,22 +24,10 @@ from functools import partial
 
 from megatron_llama.errors import ConfigError
 from megatron_llama.finetune.recipe import FinetuneOptions, LoraSettings
-from megatron_llama.model.canonical import full_shape, meta_keys
+from megatron_llama.model.canonical import shape_mismatch
 from megatron_llama.model.config import LlamaConfig
 from megatron_llama.training.loop import RunHooks, pretrain
 from megatron_llama.training.recipe import TrainConfig
-
-
-def shape_mismatch(source: LlamaConfig, wanted: LlamaConfig) -> list[str]:
-    """'name: checkpoint [a, b], model [c, d]' for every tensor whose shape differs."""
-    out = []
-    for name in meta_keys(source if source.n_layers <= wanted.n_layers else wanted):
-        a, b = full_shape(name, source), full_shape(name, wanted)
-        if a != b:
-            out.append(f"{name}: checkpoint {list(a)}, model {list(b)}")
-    if source.n_layers != wanted.n_layers:
-        out.insert(0, f"n_layers: checkpoint {source.n_layers}, model {wanted.n_layers}")
-    return out
 
 
 def lora_parameter_count(model: LlamaConfig, lora: LoraSettings) -> int:
@@ -70,7 +58,7 @@ def _prepare_model(cfg: TrainConfig, opts: FinetuneOptions, chunks: list, resumi
         from megatron_llama.model.lora import add_adapters
 
         if resuming:
-            _check_saved_lora(cfg.load_dir, opts.lora)
+            _check_saved_lora(cfg.load_dir, opts.lora, opts.init_from)
         lora = opts.lora
         add_adapters(chunks, lora.rank, lora.alpha, lora.dropout, tuple(lora.targets), cfg.seed)
         if rank0:
@@ -80,7 +68,7 @@ def _prepare_model(cfg: TrainConfig, opts: FinetuneOptions, chunks: list, resumi
                   f"% of {total:,}); the base is frozen", flush=True)
 
 
-def _check_saved_lora(root: str, lora: LoraSettings) -> None:
+def _check_saved_lora(root: str, lora: LoraSettings, init_from: str) -> None:
     from megatron_llama.checkpoint_files import (
         iteration_dir,
         latest_iteration,
@@ -90,7 +78,11 @@ def _check_saved_lora(root: str, lora: LoraSettings) -> None:
     iteration = latest_iteration(root)
     if iteration is None:
         return
-    saved = read_checkpoint_metadata(iteration_dir(root, iteration)).get("lora")
+    meta = read_checkpoint_metadata(iteration_dir(root, iteration))
+    saved = meta.get("lora")
+    if meta.get("base") and os.path.abspath(meta["base"]) != os.path.abspath(init_from):
+        raise ConfigError(f"{root}: its adapters were trained on {meta['base']}; resume with "
+                          f"--from {meta['base']} (or start another --save)")
     if saved is not None and saved != lora.to_dict():
         changed = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in lora.to_dict().items()
                             if saved.get(k) != v)

@@ -86,6 +86,18 @@ def full_shape(name: str, cfg: LlamaConfig) -> tuple[int, ...]:
             "attention_norm.weight": (d,), "ffn_norm.weight": (d,)}[_suffix(name)]
 
 
+def shape_mismatch(source: LlamaConfig, wanted: LlamaConfig) -> list[str]:
+    """'name: checkpoint [a, b], model [c, d]' for every tensor whose shape differs."""
+    out = []
+    for name in meta_keys(source if source.n_layers <= wanted.n_layers else wanted):
+        a, b = full_shape(name, source), full_shape(name, wanted)
+        if a != b:
+            out.append(f"{name}: checkpoint {list(a)}, model {list(b)}")
+    if source.n_layers != wanted.n_layers:
+        out.insert(0, f"n_layers: checkpoint {source.n_layers}, model {wanted.n_layers}")
+    return out
+
+
 def shard_shape(name: str, cfg: LlamaConfig, shards: int,
                 embedding_dim: int = 1) -> tuple[int, ...]:
     """Shape of ``name`` in each of ``shards`` Meta files."""

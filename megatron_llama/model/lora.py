@@ -15,7 +15,8 @@ A replicated factor sees a sequence shard under sequence parallelism, so its gra
 partial sum: it is marked ``sequence_parallel`` and megatron-core's `finalize_model_grads`
 all-reduces it over TP, as it does for the norms. The initial A is drawn whole from a
 generator seeded by (seed, layer, target) and sliced, so every layout starts from the same
-adapters: TP=2 trains exactly like TP=1.
+adapters: without dropout (whose masks on sharded inputs are drawn per rank) TP=2 trains
+exactly like TP=1.
 
 The adapter of ``linear_qkv`` is registered on the attention module as ``linear_qkv_lora``
 (and so on): base parameter names stay those of the checkpoint, adapter names end in
@@ -81,7 +82,10 @@ class LoraAdapter(_module_base()):
         self.column = target in COLUMN_TARGETS
         # Transformer Engine fuses the pre-norm into linear_qkv / linear_fc1: the adapter
         # sees the un-normed input and norms it with the same weight.
-        self.norm_weight, self.norm_eps = norm_weight, tconfig.layernorm_epsilon
+        # a reference, not a parameter of the adapter: it stays the base's (frozen, saved
+        # with the base, never in an adapter checkpoint)
+        object.__setattr__(self, "norm_weight", norm_weight)
+        self.norm_eps = tconfig.layernorm_epsilon
         in_f, out_f = target_sizes(tconfig, target)
         dtype = tconfig.params_dtype
         tp = parallel_state.get_tensor_model_parallel_world_size()

@@ -261,6 +261,12 @@ def load(root: str, chunks, optimizer, scheduler, expected_model: Optional[dict]
                           "differ); choose another --save/--load")
     from megatron_llama.compat.safe_loading import reading
 
+    adapters = adapters_only(chunks)
+    if adapters != bool(meta.get("adapters_only")):
+        raise ConfigError(f"{path}: a checkpoint of " + (
+            "LoRA adapters; resume it with the same --lora-rank" if meta.get("adapters_only")
+            else "a full model; LoRA runs resume only their own adapter checkpoints (start "
+            "the LoRA run in another --save directory, --from this one)"))
     if meta.get("model_only"):  # e.g. converted from Meta's weights: start from them at step 0
         with reading(path):  # no pickled code runs
             loaded = dist_checkpointing.load(
@@ -276,18 +282,8 @@ def load(root: str, chunks, optimizer, scheduler, expected_model: Optional[dict]
         sd = _sharded_state(chunks, optimizer, scheduler, {}, is_loading=True,
                             optimizer_metadata=saved_sharding, with_rng=same_layout)
         loaded = dist_checkpointing.load(sd, path)
-    adapters = adapters_only(chunks)
-    if adapters != bool(meta.get("adapters_only")):
-        raise ConfigError(f"{path}: a checkpoint of " + (
-            "LoRA adapters; resume it with the same --lora-rank" if meta.get("adapters_only")
-            else "a full model; LoRA runs resume only their own adapter checkpoints (start "
-            "the LoRA run in another --save directory, --from this one)"))
     for i, chunk in enumerate(chunks):
-        result = chunk.module.load_state_dict(loaded[_model_key(i, len(chunks))],
-                                              strict=not adapters)
-        if adapters and result.unexpected_keys:
-            raise ConfigError(f"{path}: adapters {result.unexpected_keys[:2]} do not fit this "
-                              "model (other --lora-targets?)")
+        chunk.module.load_state_dict(loaded[_model_key(i, len(chunks))], strict=not adapters)
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.num_steps = 0  # load_state_dict adds the saved step count to the current one
     scheduler.load_state_dict(loaded["scheduler"])

@@ -166,6 +166,9 @@ def forward_backward(chunks: list, tconfig, microbatches: list[dict], *, seq_len
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    if microbatches and "cu_seqlens" in microbatches[0] and _te_attention(chunks[0]):
+        # THD rows travel as one sequence [b * s, 1, h] between pipeline stages
+        seq_length, micro_batch_size = seq_length * micro_batch_size, 1
     iterators: Iterable
     if len(chunks) > 1:
         iterators = [iter(microbatches) for _ in chunks]
