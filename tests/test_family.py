@@ -3,7 +3,8 @@
 transformers equal to the paper-reference forward, and back to Megatron bit for bit.
 
 - Llama 2: GQA (2 KV heads), norm_eps 1e-5, SentencePiece.
-- Code Llama: rope_theta 1e6, ffn_dim_multiplier 1.0, SentencePiece.
+(Code Llama's rope_theta 1e6 and ffn_dim_multiplier are covered by the conversion tests,
+`test_convert_megatron.py::codellama-tp4pp2`, and its preset by `test_config.py`.)
 - Llama 3.1: GQA, rope_theta 5e5 with scaled RoPE, a tiktoken BPE rank file.
 """
 
@@ -29,14 +30,11 @@ SHAPE = ["--preset", "tiny", "--dim", "128", "--n-layers", "2", "--n-heads", "4"
          "--norm-eps", "1e-5", "--multiple-of", "32"]
 GENERATIONS = {
     "llama2": dict(model=["--n-kv-heads", "2"], tokenizer="sentencepiece", tp=2),
-    "codellama": dict(model=["--rope-theta", "1000000", "--ffn-dim-multiplier", "1.0"],
-                      tokenizer="sentencepiece", tp=1),
     "llama3.1": dict(model=["--n-kv-heads", "2", "--rope-theta", "500000", "--use-scaled-rope"],
                      tokenizer="tiktoken", tp=2),
 }
 EXPECTED_PARAMS = {  # fields params.json must carry for each generation
     "llama2": {"n_kv_heads": 2, "norm_eps": 1e-5},
-    "codellama": {"rope_theta": 1000000.0, "ffn_dim_multiplier": 1.0},
     "llama3.1": {"n_kv_heads": 2, "rope_theta": 500000.0, "use_scaled_rope": True},
 }
 
