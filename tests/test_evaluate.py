@@ -158,7 +158,8 @@ def test_perplexity_of_the_validation_split(model, tmp_path):
     from tests.llama_testing import reference_logits
 
     docs = tmp_path / "docs.jsonl"
-    docs.write_text("".join(json.dumps({"text": d["text"]}) + "\n" for d in pydoc_documents()))
+    paragraphs = [p for d in pydoc_documents() for p in d["text"].split("\n\n") if p.strip()]
+    docs.write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs[:1200]))
     tokenizer = str(model / "meta" / "tokenizer.model")
     preprocess([str(docs)], str(tmp_path / "val"), tokenizer, workers=1, progress=False)
     out = tmp_path / "ppl.json"

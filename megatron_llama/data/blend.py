@@ -99,9 +99,9 @@ def resolve_data(spec) -> DataBlend:
         raise ConfigError(f"--data is empty: pass {DATA_FORMS}")
     if len(values) == 1:
         value = values[0]
-        if os.path.isdir(value):
+        prefix = _dataset_prefix(value)  # (PREFIX/ may also exist: megatron-core's cache)
+        if prefix is None and os.path.isdir(value):
             raise ConfigError(f"{value}: is a directory; --data takes {DATA_FORMS}")
-        prefix = _dataset_prefix(value)
         if prefix is None:
             return load_blend(value)
         return DataBlend((Source(os.path.basename(prefix), os.path.abspath(prefix), 1.0),),

@@ -167,11 +167,17 @@ def perplexity_rows(data: str, tokenizer, seq_length: int, samples: int, seed: i
     """Scoring rows of the validation split `pretrain` builds from ``data`` (a prefix or a
     blend): ``samples`` sequences of ``seq_length`` tokens, every token after the first
     scored. Collective (megatron-core's dataset builder): every rank calls it."""
+    import hashlib
+
     from megatron_llama.data.blend import build_gpt_datasets, resolve_data
 
+    # megatron-core caches sample indices (rank 0 writes, the others read: one path for all);
+    # kept out of the user's data directory
+    key = hashlib.sha1(os.path.abspath(data).encode()).hexdigest()[:16]
+    cache = os.path.join(os.path.dirname(suite_dir()), "eval_cache", key)
     _, valid, _ = build_gpt_datasets(resolve_data(data), vocab_size=tokenizer.vocab_size,
                                      eod=tokenizer.eos_id, seq_length=seq_length,
-                                     samples=(1, samples, 0), seed=seed)
+                                     samples=(1, samples, 0), seed=seed, cache_dir=cache)
     if valid is None or len(valid) == 0:
         raise ConfigError(f"{data}: no validation split (its blend's split gives it none)")
     rows = []
