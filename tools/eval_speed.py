@@ -54,12 +54,8 @@ def build_model(work: str, dim: int, layers: int, vocab: int) -> str:
 
 def requests_of(tasks, manager) -> list:
     """The loglikelihood Instances the suite's multiple-choice tasks send."""
-    from lm_eval.evaluator_utils import get_task_list
-    from lm_eval.tasks import get_task_dict
-
     out = []
-    for task_output in get_task_list(get_task_dict(list(tasks), manager)):
-        task = task_output.task
+    for task in manager.load_task_or_group(list(tasks)).values():
         task.build_all_requests(rank=0, world_size=1)
         out += [inst for inst in task.instances if inst.request_type == "loglikelihood"]
     return out

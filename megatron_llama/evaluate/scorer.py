@@ -9,8 +9,9 @@ see the same batches in the same order.
 
 A scoring row is ``(tokens, n)``: the log-probability of the last ``n`` tokens of
 ``tokens`` given the ones before, and whether each of them is the argmax (greedy). Rows
-are sorted by length (longest first, as lm-eval's own backends do), cut into batches of
-``batch_size`` rows padded to the longest, and unsorted on return.
+with the same inputs (all tokens but the last) share one forward; forwards are sorted by
+length (longest first, as lm-eval's own backends do), cut into batches of ``batch_size``
+rows padded to the longest, and unsorted on return.
 """
 
 from __future__ import annotations
@@ -49,29 +50,39 @@ class Scorer:
     # ---- rank 0 ------------------------------------------------------------------------
     def score(self, rows: Sequence[tuple[Sequence[int], int]],
               progress=None) -> list[tuple[float, bool]]:
-        """(log-probability, greedy) of each row; called on rank 0 only."""
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+        """(log-probability, greedy) of each row; called on rank 0 only.
+
+        Rows whose inputs (all tokens but the last) are equal share one forward, as the
+        choices of a multiple-choice question with one-token answers do (lm-eval's `hf`
+        backend groups them the same way)."""
+        groups: dict[tuple, list[int]] = {}
+        for i, (ids, _) in enumerate(rows):
+            groups.setdefault(tuple(ids[:-1]), []).append(i)
+        items = sorted(groups.items(), key=lambda kv: -len(kv[0]))
         out: list[Optional[tuple[float, bool]]] = [None] * len(rows)
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            batch = [(list(rows[i][0]), int(rows[i][1])) for i in idx]
-            for i, result in zip(idx, self._run(batch)):
-                out[i] = result[:2]
+        for start in range(0, len(items), self.batch_size):
+            part = items[start:start + self.batch_size]
+            batch = [(list(inputs), [(int(rows[i][0][-1]), int(rows[i][1])) for i in members])
+                     for inputs, members in part]
+            results = iter(self._run(batch))
+            for _, members in part:
+                for i in members:
+                    out[i] = next(results)[:2]
             if progress is not None:
-                progress.update(len(idx))
+                progress.update(sum(len(m) for _, m in part))
         return out  # type: ignore[return-value]
 
     def next_tokens(self, sequences: Sequence[Sequence[int]]) -> list[int]:
         """The argmax token after each sequence (one forward; rank 0 only)."""
-        rows = [(list(seq) + [0], 1) for seq in sequences]
-        return [int(r[2]) for r in self._run(rows, full=True)]
+        batch = [(list(seq), [(0, 1)]) for seq in sequences]
+        return [int(r[2]) for r in self._run(batch)]
 
     def stop(self) -> None:
         """Release the other ranks from `serve` (rank 0, once, at the end)."""
         if torch.distributed.get_world_size() > 1:
             torch.distributed.broadcast_object_list([STOP], src=0)
 
-    def _run(self, batch: list[tuple[list[int], int]], full: bool = False) -> list[tuple]:
+    def _run(self, batch: list) -> list[tuple]:
         if torch.distributed.get_world_size() > 1:
             torch.distributed.broadcast_object_list([(SCORE, batch)], src=0)
         return self._forward(batch)
@@ -88,18 +99,21 @@ class Scorer:
             self._forward(batch)
 
     # ---- all ranks ---------------------------------------------------------------------
-    def _forward(self, batch: list[tuple[list[int], int]]) -> list[tuple[float, bool, int]]:
-        """One forward of ``batch`` on every rank; the scores end on rank 0."""
+    def _forward(self, batch: list) -> list[tuple[float, bool, int]]:
+        """One forward of ``batch`` on every rank; the scores end on rank 0.
+
+        An item is (inputs, [(last target, n), ...]): one forward row, scored for each
+        member as the row ``inputs + [last target]`` whose last n tokens count."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        width = max(len(t) for t, _ in batch) - 1
+        width = max(len(t) for t, _ in batch)
         tokens = torch.zeros(len(batch), width, dtype=torch.long)
         targets = torch.zeros(len(batch), width, dtype=torch.long)
         lengths = []
-        for r, (ids, n) in enumerate(batch):
-            t = torch.tensor(ids)
-            tokens[r, :len(ids) - 1], targets[r, :len(ids) - 1] = t[:-1], t[1:]
-            lengths.append((len(ids) - 1, n))
+        for r, (inputs, members) in enumerate(batch):
+            t = torch.tensor(inputs)
+            tokens[r, :len(inputs)], targets[r, :len(inputs) - 1] = t, t[1:]
+            lengths.append((len(inputs), members))
         device = next(self.chunks[0].parameters()).device
         micro = {"tokens": tokens.to(device), "targets": targets.to(device),
                  "lengths": lengths}
@@ -131,17 +145,20 @@ def _forward_step(data_iterator, model, vocab: int):
 
 
 def _scores(logits: torch.Tensor, targets: torch.Tensor, lengths, vocab: int):
-    """[(sum of log-probs of each row's last n targets, all of them argmax, the argmax after
-    the row's last input)] from the full logits [b, s, V_padded] (the vocabulary's padding
-    entries dropped first)."""
-    logp = torch.log_softmax(logits[..., :vocab].float(), dim=-1)
+    """For each member of each row: [sum of the log-probs of its last n targets, whether all
+    are the argmax, the argmax after the row's last input], from the full logits
+    [b, s, V_padded] (the vocabulary's padding entries dropped first)."""
     out = []
-    for r, (length, n) in enumerate(lengths):
-        span = logp[r, length - n:length]  # [n, V]
-        want = targets[r, length - n:length]
-        picked = span.gather(-1, want[:, None]).squeeze(-1)
-        best = span.argmax(-1)
-        out.append([picked.double().sum().item(), float(bool((best == want).all())),
-                    float(logp[r, length - 1].argmax().item())])
+    for r, (length, members) in enumerate(lengths):
+        widest = max(n for _, n in members)  # only the positions some member scores
+        logp = torch.log_softmax(logits[r, length - widest:length, :vocab].float(), dim=-1)
+        after = float(logp[-1].argmax().item())
+        for last, n in members:
+            span = logp[widest - n:]  # [n, V]
+            want = targets[r, length - n:length].clone()
+            want[-1] = last
+            picked = span.gather(-1, want[:, None]).squeeze(-1)
+            best = span.argmax(-1)
+            out.append([picked.double().sum().item(), float(bool((best == want).all())), after])
     scores = torch.tensor(out, dtype=torch.float64)
     return torch.zeros((), device=logits.device), {"scores": scores}
