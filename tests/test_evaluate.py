@@ -75,7 +75,7 @@ def test_backend_equals_lm_evals_hf_backend(model, tmp_path):
               add_bos_token=True)
     theirs = lm_eval.simple_evaluate(model=hf, tasks=list(TASKS), limit=float(LIMIT),
                                      task_manager=manager, log_samples=True)
-    largest, same_text = 0.0, 0
+    largest, same_text, rolled = 0.0, 0, 0
     for task in TASKS:
         mine = {(s["doc_id"], i): r for s in ours["samples"][task]
                 for i, r in enumerate(s["resps"])}
@@ -83,7 +83,11 @@ def test_backend_equals_lm_evals_hf_backend(model, tmp_path):
                for i, r in enumerate(s["filtered_resps"])}
         assert mine.keys() == ref.keys() and len(mine) >= int(LIMIT)
         for key, r in ref.items():
-            if isinstance(r, str):  # generate_until: the same greedy text, except where a
+            if isinstance(r, (int, float)) or isinstance(mine[key], (int, float)):
+                # loglikelihood_rolling: one total per document (hundreds of nats, fp32)
+                assert abs(float(mine[key]) - float(r)) <= 1e-6 * abs(float(r)), (task, key)
+                rolled += 1
+            elif isinstance(r, str):  # generate_until: the same greedy text, except where a
                 # random model emits invalid UTF-8 byte runs, which SentencePiece decodes
                 # byte by byte and HF's ByteFallback as U+FFFD each: equal up to there
                 cut = r.find("\ufffd")
@@ -96,9 +100,14 @@ def test_backend_equals_lm_evals_hf_backend(model, tmp_path):
         for metric, value in theirs["results"][task].items():
             name = metric.split(",")[0]
             if "," in metric and "_stderr" not in metric:
-                assert rows[(task, name)]["value"] == value, (task, metric)
+                mine_value = rows[(task, name)]["value"]
+                if name in ("acc", "acc_norm", "exact_match"):  # counts: identical
+                    assert mine_value == value, (task, metric)
+                else:  # perplexities: exp() of the sums compared above
+                    assert abs(mine_value - value) <= 1e-5 * abs(value), (task, metric)
     assert largest <= 1e-4, largest
     assert same_text >= 4  # generations compared whole
+    assert rolled == int(LIMIT)  # rolling log-likelihoods (perplexity task) compared
     print(f"largest log-likelihood difference: {largest:.2e}")
     # the paper's rule: characters for the others (= acc_norm), "Answer:" for BoolQ
     for task in ("mini_hellaswag", "mini_piqa", "mini_arc"):
@@ -113,6 +122,24 @@ def test_backend_equals_lm_evals_hf_backend(model, tmp_path):
         right += pick == int(s["target"])
     assert rows[("mini_boolq", "acc_paper")]["value"] == right / len(theirs["samples"]["mini_boolq"])
     assert os.path.isdir(suite_dir())
+
+    # PP=2 and one-shot prompts: the same per-request numbers as the hf backend's
+    few = tmp_path / "pp2.json"
+    run_cli("evaluate", "--checkpoint", str(model / "megatron"), "--tasks", "mini_arc",
+            "mini_wikitext", "--num-fewshot", "1", "--pp", "2", "--nproc-per-node", "2",
+            "--limit", "8", "--log-samples", "--output", str(few))
+    ours = json.loads(few.read_text())
+    theirs = lm_eval.simple_evaluate(model=hf, tasks=["mini_arc", "mini_wikitext"], limit=8.0,
+                                     num_fewshot=1, task_manager=manager, log_samples=True)
+    for task in ("mini_arc", "mini_wikitext"):
+        ref = theirs["samples"][task]
+        if task == "mini_arc":  # one solved example before the question
+            assert str(ref[0]["arguments"][0][0]).count("Answer:") == 2
+        for mine, s in zip(ours["samples"][task], ref):
+            for a, b in zip(mine["resps"], s["filtered_resps"]):
+                a, b = (float(a), float(b)) if isinstance(b, (int, float)) else (a[0], b[0])
+                # a request: <= 1e-4; a document's rolling total (hundreds of nats): 1e-6 of it
+                assert abs(a - b) <= max(1e-4, 1e-6 * abs(b)), (task, a, b)
 
 
 def test_bad_input_is_one_line(model, tmp_path, capsys):

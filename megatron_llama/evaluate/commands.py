@@ -100,7 +100,8 @@ def add_command(subparsers) -> None:
     p.add_argument("--checkpoint", required=False, help="checkpoint directory (any format)")
     p.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
                    help="lm-eval task names, comma or space separated; 'suite' = the built-in "
-                        "mini_hellaswag, mini_piqa, mini_boolq, mini_arc, mini_triviaqa")
+                        "mini_hellaswag, mini_piqa, mini_boolq, mini_arc, mini_triviaqa, "
+                        "mini_wikitext")
     p.add_argument("--num-fewshot", type=int, default=None,
                    help="examples in each prompt (default: the task's, zero-shot for the "
                         "built-in suite)")

@@ -6,6 +6,7 @@ written by this project (no download), as lm-eval task YAMLs over local JSON fil
     mini_boolq      passage + yes/no question    (BoolQ: passage, question, answer)
     mini_arc        question + 4 lettered choices (ARC: question, choices{text,label}, answerKey)
     mini_triviaqa   question -> short answer     (TriviaQA: question, answer{value, aliases})
+    mini_wikitext   whole documents, perplexity  (WikiText: page; rolling log-likelihood)
 
 Every item is computed, not collected: counting, arithmetic, ordering, letters of words,
 continuations of sequences, so each has exactly one right answer. Each task has a ``test``
@@ -25,7 +26,8 @@ import yaml
 WORDS = ["llama", "tensor", "kernel", "batch", "rotary", "camel", "vicuna", "alpaca", "gradient",
          "pipeline", "shard", "token", "matrix", "vector", "socket", "window", "garden", "river",
          "planet", "pencil", "silver", "orange", "castle", "bridge", "forest", "candle"]
-TASKS = ("mini_hellaswag", "mini_piqa", "mini_boolq", "mini_arc", "mini_triviaqa")
+TASKS = ("mini_hellaswag", "mini_piqa", "mini_boolq", "mini_arc", "mini_triviaqa",
+         "mini_wikitext")
 TEST, TRAIN = 80, 20
 
 
@@ -89,8 +91,16 @@ def _triviaqa(rng: random.Random) -> dict:
     return {"question": q, "answer": {"value": a, "aliases": [a]}}
 
 
+def _wikitext(rng: random.Random) -> dict:
+    words = rng.sample(WORDS, rng.randint(3, 6))
+    lines = [f"The word {w} has {len(w)} letters and starts with {w[0]}." for w in words]
+    a, b = rng.randint(2, 9), rng.randint(2, 9)
+    lines.append(f"{a} plus {b} is {a + b}, and {a} times {b} is {a * b}.")
+    return {"page": " ".join(lines)}
+
+
 MAKERS = {"mini_hellaswag": _hellaswag, "mini_piqa": _piqa, "mini_boolq": _boolq,
-          "mini_arc": _arc, "mini_triviaqa": _triviaqa}
+          "mini_arc": _arc, "mini_triviaqa": _triviaqa, "mini_wikitext": _wikitext}
 
 MC_METRICS = [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
               {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]
@@ -109,6 +119,10 @@ TASK_FIELDS = {
                  "doc_to_text": "Question: {{question}}\nAnswer:",
                  "doc_to_target": "{{choices.label.index(answerKey)}}",
                  "doc_to_choice": "{{choices.text}}", "metric_list": MC_METRICS},
+    "mini_wikitext": {"output_type": "loglikelihood_rolling", "doc_to_text": "",
+                      "doc_to_target": "{{page}}",
+                      "metric_list": [{"metric": m} for m in
+                                      ("word_perplexity", "byte_perplexity", "bits_per_byte")]},
     "mini_triviaqa": {"output_type": "generate_until",
                       "doc_to_text": "Question: {{question}}?\nAnswer:",
                       "doc_to_target": "{{answer.aliases}}",
