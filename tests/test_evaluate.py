@@ -150,14 +150,20 @@ def test_bad_input_is_one_line(model, tmp_path, capsys):
     (bad_task / "broken.yaml").write_text(
         "task: broken_task\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
         f"    test: {tmp_path / 'missing.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n")
+    (bad_task / "no_choices.yaml").write_text(
+        "task: no_choices\ndataset_path: json\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: x\ndoc_to_target: 0\n")
     hub = tmp_path / "hub"
     hub.mkdir()
     (hub / "hub.yaml").write_text("task: hub_task\ndataset_path: some-org/some-dataset\n"
-                                  "output_type: multiple_choice\ndoc_to_text: x\n")
+                                  "output_type: multiple_choice\ndoc_to_text: x\n"
+                                  "doc_to_target: 0\ndoc_to_choice: [a, b]\n")
     cases = [
         (["--tasks", "mini_hellaswagg"], "unknown task 'mini_hellaswagg'; did you mean "
                                          "mini_hellaswag"),
         (["--tasks", "broken_task", "--include-path", str(bad_task)], "broken.yaml"),
+        (["--tasks", "no_choices", "--include-path", str(bad_task)],
+         "no_choices.yaml: task no_choices has no doc_to_choice"),
         (["--tasks", "hub_task", "--include-path", str(hub)], "from the Hugging Face Hub, and "
                                                               "evaluation is offline"),
     ]

@@ -24,6 +24,11 @@ from megatron_llama.evaluate.paper import (
 )
 
 LOCAL_FORMATS = ("json", "csv", "parquet", "text", "arrow")
+# what a task YAML must define for its output type (lm-eval fails late, without the file)
+REQUIRED_FIELDS = {"multiple_choice": ("doc_to_text", "doc_to_target", "doc_to_choice"),
+                   "generate_until": ("doc_to_text", "doc_to_target"),
+                   "loglikelihood": ("doc_to_text", "doc_to_target"),
+                   "loglikelihood_rolling": ("doc_to_target",)}
 _Request = namedtuple("_Request", "args")
 
 
@@ -65,7 +70,18 @@ def check_tasks(manager, tasks: Sequence[str], online: bool) -> None:
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise ConfigError(f"unknown task {name!r}{hint} (`megatron-llama evaluate "
                               "--list-tasks` lists them; local YAMLs: --include-path)")
-        path = (entry.cfg or {}).get("dataset_path")
+        cfg = entry.cfg if isinstance(entry.cfg, dict) else {}
+        if cfg.get("task") == name and "class" not in cfg:  # a YAML task (not a Python one)
+            kind = cfg.get("output_type", "generate_until")
+            missing = [f for f in ("dataset_path",) + REQUIRED_FIELDS.get(kind, ())
+                       if cfg.get(f) is None and not (f == "doc_to_text" and "doc_to_text" in cfg)]
+            if kind not in REQUIRED_FIELDS:
+                raise ConfigError(f"{entry.yaml_path or name}: task {name}: output_type {kind!r} "
+                                  f"is not one of {', '.join(REQUIRED_FIELDS)}")
+            if missing:
+                raise ConfigError(f"{entry.yaml_path or name}: task {name} has no "
+                                  f"{', '.join(missing)} (needed for output_type {kind})")
+        path = cfg.get("dataset_path")
         if (not online and path and path not in LOCAL_FORMATS and not os.path.exists(path)):
             raise ConfigError(f"{entry.yaml_path or name}: task {name} reads dataset {path!r} "
                               "from the Hugging Face Hub, and evaluation is offline; pass "
@@ -150,12 +166,13 @@ def result_rows(results: dict, paper: dict, preset: Optional[str]) -> list[dict]
 
 
 def format_table(rows: list[dict], preset: Optional[str]) -> str:
-    head = f"{'task':<18} {'metric':<12} {'value':>8} {'stderr':>8} {'n':>6}  paper ({preset or '-'})"
+    head = (f"{'task':<18} {'metric':<16} {'value':>12} {'stderr':>8} {'n':>6}  "
+            f"paper ({preset or '-'})")
     lines = [head, "-" * len(head)]
     for r in rows:
         stderr = f"{r['stderr']:.4f}" if r["stderr"] is not None else "-"
         paper = f"{r['paper']:.3f}" if r["paper"] is not None else ""
-        lines.append(f"{r['task']:<18} {r['metric']:<12} {r['value']:>8.4f} {stderr:>8} "
+        lines.append(f"{r['task']:<18} {r['metric']:<16} {r['value']:>12.4f} {stderr:>8} "
                      f"{r['n'] if r['n'] is not None else '-':>6}  {paper}")
     lines.append("acc_paper: the LLaMA paper's rule (likelihood per character; BoolQ and "
                  "OpenBookQA: relative to \"Answer:\")")
