@@ -113,3 +113,29 @@ def test_metadata_pointing_outside_the_checkpoint_is_refused(tmp_path):
         pickle.dump(metadata, f)
     with pytest.raises(ConfigError, match="data file '../../etc/passwd' lies outside"):
         check_metadata(str(path))
+
+
+def test_enum_members_pickled_through_getattr_load_and_nothing_else():
+    """Python 3.11.2 (Debian 12) pickles an Enum member as getattr(cls, name): admitted for
+    members of the allowlisted enums only, never for attributes or other objects."""
+    import io
+
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING, Metadata
+
+    from megatron_llama.compat.safe_loading import Disallowed, MetadataUnpickler
+
+    class ByGetattr:
+        def __init__(self, target, name):
+            self.target, self.name = target, name
+
+        def __reduce__(self):
+            return getattr, (self.target, self.name)
+
+    member = _MEM_FORMAT_ENCODING.TORCH_CONTIGUOUS_FORMAT
+    data = pickle.dumps(ByGetattr(_MEM_FORMAT_ENCODING, member.name))
+    assert b"getattr" in data
+    assert MetadataUnpickler(io.BytesIO(data)).load() is member
+    for target, name in [(_MEM_FORMAT_ENCODING, "__class__"), (Metadata, "__init__"),
+                         (_MEM_FORMAT_ENCODING, "_missing_")]:
+        with pytest.raises(Disallowed):
+            MetadataUnpickler(io.BytesIO(pickle.dumps(ByGetattr(target, name)))).load()

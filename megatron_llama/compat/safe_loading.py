@@ -59,10 +59,24 @@ class Disallowed(pickle.UnpicklingError):
     """The pickle references a global outside the allowlist (it could run code)."""
 
 
+def _enum_member(cls, name):
+    """``getattr`` as some Python 3.11 releases pickle an Enum member (``getattr(cls,
+    name)``; 3.11.2, Debian 12's, does), admitted only for a member of an allowlisted Enum:
+    never an attribute or a method."""
+    import enum
+
+    if isinstance(cls, type) and issubclass(cls, enum.Enum) and name in cls.__members__:
+        return cls.__members__[name]
+    raise Disallowed(f"getattr({getattr(cls, '__name__', cls)!r}, {name!r}) is not allowed in "
+                     "checkpoint metadata")
+
+
 class MetadataUnpickler(pickle.Unpickler):
     """A pickle reader for DCP's ``.metadata`` that refuses every other global."""
 
     def find_class(self, module: str, name: str):
+        if module == "builtins" and name == "getattr":  # Enum members only (_enum_member)
+            return _enum_member
         # no dotted names: pickle protocol 4 would walk "os.system" from any allowed module
         allowed = "." not in name and (
             name in _ALLOWED.get(module, ())
