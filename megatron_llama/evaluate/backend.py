@@ -54,6 +54,7 @@ class MegatronLlamaLM(TemplateLM):
         self.add_bos = _flag(add_bos_token)
         self.max_length = int(max_length) if max_length else self.cfg.max_seq_len
         self.max_gen_toks = int(max_gen_toks)
+        self._encoded: dict[str, list[int]] = {}  # text -> ids, filled by `loglikelihood`
         if not self.session.is_driver:  # follow rank 0's forwards, then leave with it
             self.session.scorer.serve()
             self.session.close()
@@ -71,7 +72,30 @@ class MegatronLlamaLM(TemplateLM):
 
     def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, **kwargs):
         bos = self.add_bos if add_special_tokens is None else add_special_tokens
-        return self.tok.encode(string, bos=bos)
+        ids = self._encoded.get(string)
+        if ids is None:
+            return self.tok.encode(string, bos=bos)
+        return ([self.tok.bos_id] if bos else []) + ids
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        """lm-eval's own pairing of context and continuation (`TemplateLM.loglikelihood`),
+        with every distinct string it will encode tokenized up front in one batched call
+        (the tokenizer's native loop, over the CPU's threads) instead of one call each;
+        the choices of a question share their context, so most strings repeat."""
+        texts = set()
+        for context, continuation in (r.args for r in requests):
+            if context == "":
+                texts.add(continuation)
+                continue
+            stem = context.rstrip()  # TemplateLM moves trailing spaces to the continuation
+            texts.update((stem, context + continuation))
+        texts = sorted(texts)
+        threads = max(1, min(8, os.cpu_count() or 1))
+        self._encoded = dict(zip(texts, self.tok.encode_batch(texts, num_threads=threads)))
+        try:
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        finally:
+            self._encoded = {}
 
     def tok_decode(self, tokens, **kwargs) -> str:
         return self.tok.decode(list(tokens))

@@ -3,7 +3,8 @@
 Rank 0 decides what to compute (it talks to lm-evaluation-harness); every other rank runs
 `Scorer.serve`, receiving each batch from rank 0 (one `broadcast_object_list`) and taking
 its part in the same forward: megatron-core's schedule for the layout, forward-only, with
-the vocabulary-parallel logits gathered over TP on the last stage. The last stage turns
+the output layer run on the scored positions only (a forward pre-hook picks them from the
+hidden states) and its vocabulary-parallel logits gathered over TP on the last stage. The last stage turns
 logits into scores and sends them to rank 0. Every forward is a collective, so all ranks
 see the same batches in the same order.
 
@@ -108,15 +109,11 @@ class Scorer:
 
         width = max(len(t) for t, _ in batch)
         tokens = torch.zeros(len(batch), width, dtype=torch.long)
-        targets = torch.zeros(len(batch), width, dtype=torch.long)
-        lengths = []
-        for r, (inputs, members) in enumerate(batch):
-            t = torch.tensor(inputs)
-            tokens[r, :len(inputs)], targets[r, :len(inputs) - 1] = t, t[1:]
-            lengths.append((len(inputs), members))
+        for r, (inputs, _) in enumerate(batch):
+            tokens[r, :len(inputs)] = torch.tensor(inputs)
         device = next(self.chunks[0].parameters()).device
-        micro = {"tokens": tokens.to(device), "targets": targets.to(device),
-                 "lengths": lengths}
+        micro = {"tokens": tokens.to(device),
+                 **{k: v.to(device) for k, v in _scored_positions(batch).items()}}
         iterator = [iter([micro]) for _ in self.chunks] if len(self.chunks) > 1 else iter([micro])
         with torch.no_grad():
             stored = get_forward_backward_func()(
@@ -135,30 +132,77 @@ class Scorer:
         return [(float(lp), bool(g), int(nxt)) for lp, g, nxt in scores]
 
 
+def _scored_positions(batch: list) -> dict[str, torch.Tensor]:
+    """Index tensors for the positions a batch scores (host side, from the token lists).
+
+    Only positions some member scores reach the output layer: row r's last ``widest``
+    inputs (``widest`` = its members' largest n), N positions in all, in row order.
+    ``row``/``col`` pick them from the [s, b, h] hidden states; for each scored token
+    (T in all) ``flat`` is its position among the N, ``target`` the token it must predict
+    and ``owner`` its member (M members); ``after`` is each member's row's last position
+    among the N, whose argmax is the greedy next token."""
+    row, col, flat, target, owner, after = [], [], [], [], [], []
+    member = 0
+    for r, (inputs, members) in enumerate(batch):
+        length, widest = len(inputs), max(n for _, n in members)
+        base = len(row)
+        row += range(length - widest, length)
+        col += [r] * widest
+        for last, n in members:
+            # position p predicts the token after it: inputs[p + 1], or `last` at the end
+            for p in range(length - n, length):
+                flat.append(base + p - (length - widest))
+                target.append(inputs[p + 1] if p + 1 < length else last)
+                owner.append(member)
+            after.append(base + widest - 1)
+            member += 1
+    as_long = partial(torch.tensor, dtype=torch.long)
+    return {"row": as_long(row), "col": as_long(col), "flat": as_long(flat),
+            "target": as_long(target), "owner": as_long(owner), "after": as_long(after)}
+
+
+def _output_layer(model):
+    """The output layer in this model chunk, None on a stage without one."""
+    for module in model.modules():
+        if getattr(module, "post_process", False) and hasattr(module, "output_layer"):
+            return module.output_layer
+    return None
+
+
+def _keep_positions(_module, args, kwargs, row, col):
+    """Forward pre-hook of the output layer: [s, b, h] hidden states -> [N, 1, h], the
+    scored positions only (megatron-core's inference path slices to the last token the
+    same way); the logits come back as [1, N, V]."""
+    return (args[0][row, col].unsqueeze(1),) + tuple(args[1:]), kwargs
+
+
 def _forward_step(data_iterator, model, vocab: int):
     micro = next(data_iterator)
     tokens = micro["tokens"]
     positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-    logits = model(tokens, positions, None, runtime_gather_output=True)
-    return logits, partial(_scores, targets=micro["targets"], lengths=micro["lengths"],
-                           vocab=vocab)
+    head = _output_layer(model)
+    hook = None if head is None else head.register_forward_pre_hook(
+        partial(_keep_positions, row=micro["row"], col=micro["col"]), with_kwargs=True)
+    try:
+        logits = model(tokens, positions, None, runtime_gather_output=True)
+    finally:
+        if hook is not None:
+            hook.remove()
+    return logits, partial(_scores, micro=micro, vocab=vocab)
 
 
-def _scores(logits: torch.Tensor, targets: torch.Tensor, lengths, vocab: int):
-    """For each member of each row: [sum of the log-probs of its last n targets, whether all
-    are the argmax, the argmax after the row's last input], from the full logits
-    [b, s, V_padded] (the vocabulary's padding entries dropped first)."""
-    out = []
-    for r, (length, members) in enumerate(lengths):
-        widest = max(n for _, n in members)  # only the positions some member scores
-        logp = torch.log_softmax(logits[r, length - widest:length, :vocab].float(), dim=-1)
-        after = float(logp[-1].argmax().item())
-        for last, n in members:
-            span = logp[widest - n:]  # [n, V]
-            want = targets[r, length - n:length].clone()
-            want[-1] = last
-            picked = span.gather(-1, want[:, None]).squeeze(-1)
-            best = span.argmax(-1)
-            out.append([picked.double().sum().item(), float(bool((best == want).all())), after])
-    scores = torch.tensor(out, dtype=torch.float64)
-    return torch.zeros((), device=logits.device), {"scores": scores}
+def _scores(logits: torch.Tensor, micro: dict, vocab: int):
+    """For each member: [sum of the log-probs of its last n targets, whether all are the
+    argmax, the argmax after its row's last input], from the scored positions' logits
+    [1, N, V_padded] (the vocabulary's padding entries dropped first)."""
+    logp = torch.log_softmax(logits[0, :, :vocab].float(), dim=-1)  # [N, V]
+    best = logp.argmax(-1)  # [N]
+    flat, target, owner = micro["flat"], micro["target"], micro["owner"]
+    members = len(micro["after"])
+    picked = logp[flat, target].double()  # [T]
+    total = torch.zeros(members, dtype=torch.float64, device=logp.device)
+    total.index_add_(0, owner, picked)
+    misses = torch.zeros(members, dtype=torch.long, device=logp.device)
+    misses.index_add_(0, owner, (best[flat] != target).long())
+    scores = torch.stack([total, (misses == 0).double(), best[micro["after"]].double()], dim=1)
+    return torch.zeros((), device=logits.device), {"scores": scores.cpu()}
