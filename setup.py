@@ -1,6 +1,33 @@
 """megatron_llama: train LLaMA the way the paper did, as a thin plugin on megatron-core."""
 
+import os
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+# Started by Python at every interpreter start (site-packages' .pth files): lets the stock
+# `lm_eval` command find the `lm_eval.models` entry point below, which lm-eval 0.4 does
+# not look for itself. It imports one small module and nothing else until lm-eval runs.
+PTH_NAME = "megatron_llama-lm_eval.pth"
+PTH_LINE = "import megatron_llama.evaluate.lm_eval_plugins as m; m.install()\n"
+
+
+class BuildPyWithPth(build_py):
+    """build_py that also writes PTH_NAME at the root of the wheel (site-packages once
+    installed): into build_lib for a wheel, into the editable wheel's tree for `pip -e`."""
+
+    def run(self):
+        super().run()
+        root = self.build_lib
+        if getattr(self, "editable_mode", False):  # build_lib is not packed in this mode
+            root = self.get_finalized_command("install").install_lib
+        os.makedirs(root, exist_ok=True)
+        with open(os.path.join(root, PTH_NAME), "w", encoding="utf-8") as f:
+            f.write(PTH_LINE)
+
+    def get_outputs(self, include_bytecode=True):
+        return super().get_outputs(include_bytecode) + [os.path.join(self.build_lib, PTH_NAME)]
+
 
 setup(
     name="megatron_llama",
@@ -46,9 +73,10 @@ setup(
                  "deepspeed==0.19.8", "wandb", "matplotlib", "lm-eval==0.4.13", "datasets<5",
                  "huggingface-hub>=0.24,<1.0"],
     },
+    cmdclass={"build_py": BuildPyWithPth},
     entry_points={"console_scripts": ["megatron-llama=megatron_llama.cli:main"],
-                  # for lm-eval releases that discover models by entry point (0.4.13 does
-                  # not: use `megatron-llama lm-eval`, or import megatron_llama.evaluate.backend)
+                  # `lm_eval --model megatron_llama`: lm-eval registers the entry points of
+                  # this group through megatron_llama/evaluate/lm_eval_plugins.py (PTH_NAME)
                   "lm_eval.models": ["megatron_llama=megatron_llama.evaluate.backend:MegatronLlamaLM"]},
     classifiers=["License :: OSI Approved :: Apache Software License",
                  "Programming Language :: Python :: 3"],

@@ -218,15 +218,28 @@ def test_perplexity_of_the_validation_split(model, tmp_path):
 
 
 def test_lm_eval_command_line_runs_the_backend(model, tmp_path):
-    """lm-eval's own CLI (`megatron-llama lm-eval run ...`) with --model megatron_llama."""
+    """The stock `lm_eval` command finds --model megatron_llama (the package's entry point,
+    registered by its .pth hook) and runs it under torchrun at TP=2, rank 0 driving; and
+    `megatron-llama lm-eval`, the same CLI with the backend imported first."""
     from megatron_llama.evaluate.run import suite_dir, task_manager
 
     task_manager((), ["mini_arc"])  # writes the suite
-    result = subprocess.run(
-        [sys.executable, "-m", "megatron_llama.cli", "lm-eval", "run", "--model",
-         "megatron_llama", "--model_args", f"checkpoint={model / 'meta'}", "--tasks",
-         "mini_arc", "--include_path", suite_dir(), "--limit", "4", "--batch_size", "4"],
-        capture_output=True, text=True, timeout=600,
-        env=dict(os.environ, PYTHONWARNINGS="ignore", HF_DATASETS_OFFLINE="1"))
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "mini_arc" in result.stdout and "acc_norm" in result.stdout
+    env = dict(os.environ, PYTHONWARNINGS="ignore", HF_DATASETS_OFFLINE="1")
+    lm_eval_script = os.path.join(os.path.dirname(sys.executable), "lm_eval")
+    assert os.path.isfile(lm_eval_script), lm_eval_script
+    common = ["run", "--model", "megatron_llama", "--tasks", "mini_arc", "--include_path",
+              suite_dir(), "--limit", "4", "--batch_size", "4"]
+    stock = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         lm_eval_script, *common, "--model_args", f"checkpoint={model / 'megatron'},tp=2"],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert stock.returncode == 0, stock.stderr[-2000:]
+    assert "mini_arc" in stock.stdout and "acc_norm" in stock.stdout
+    assert "'tp': 2}" in stock.stdout  # lm-eval's header line echoes the model args
+    ours = subprocess.run(
+        [sys.executable, "-m", "megatron_llama.cli", "lm-eval", *common, "--model_args",
+         f"checkpoint={model / 'meta'}"], capture_output=True, text=True, timeout=600, env=env)
+    assert ours.returncode == 0, ours.stderr[-2000:]
+    table = [line for line in ours.stdout.splitlines() if "|none  |" in line]
+    assert len(table) == 2 and table == [line for line in stock.stdout.splitlines()
+                                         if "|none  |" in line]  # TP2 == TP1: same scores

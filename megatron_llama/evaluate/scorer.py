@@ -11,8 +11,9 @@ see the same batches in the same order.
 A scoring row is ``(tokens, n)``: the log-probability of the last ``n`` tokens of
 ``tokens`` given the ones before, and whether each of them is the argmax (greedy). Rows
 with the same inputs (all tokens but the last) share one forward; forwards are sorted by
-length (longest first, as lm-eval's own backends do), cut into batches of ``batch_size``
-rows padded to the longest, and unsorted on return.
+length (longest first, as lm-eval's own backends do), cut into batches padded to their
+longest row (``batch_size`` rows of the longest length, more of shorter ones in the same
+number of tokens), and unsorted on return.
 """
 
 from __future__ import annotations
@@ -61,8 +62,7 @@ class Scorer:
             groups.setdefault(tuple(ids[:-1]), []).append(i)
         items = sorted(groups.items(), key=lambda kv: -len(kv[0]))
         out: list[Optional[tuple[float, bool]]] = [None] * len(rows)
-        for start in range(0, len(items), self.batch_size):
-            part = items[start:start + self.batch_size]
+        for part in self._batches(items):
             batch = [(list(inputs), [(int(rows[i][0][-1]), int(rows[i][1])) for i in members])
                      for inputs, members in part]
             results = iter(self._run(batch))
@@ -72,6 +72,23 @@ class Scorer:
             if progress is not None:
                 progress.update(sum(len(m) for _, m in part))
         return out  # type: ignore[return-value]
+
+    def _batches(self, items: list) -> list[list]:
+        """Cut forward rows (sorted longest first) into batches: ``batch_size`` rows of the
+        longest length, then as many shorter rows as fill the same number of tokens
+        (rows x the batch's longest row), so short requests do not pay a forward each
+        per ``batch_size`` of them and no batch holds more tokens than the first."""
+        if not items:
+            return []
+        budget = self.batch_size * len(items[0][0])
+        batches, start = [], 0
+        while start < len(items):
+            width, end = max(1, len(items[start][0])), start + 1
+            while end < len(items) and (end - start + 1) * width <= budget:
+                end += 1
+            batches.append(items[start:end])
+            start = end
+        return batches
 
     def next_tokens(self, sequences: Sequence[Sequence[int]]) -> list[int]:
         """The argmax token after each sequence (one forward; rank 0 only)."""
