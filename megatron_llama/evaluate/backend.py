@@ -1,10 +1,14 @@
 """The lm-evaluation-harness model backend ``megatron_llama``.
 
+    command line:          lm_eval --model megatron_llama --model_args checkpoint=DIR \\
+                               --tasks hellaswag        (under torchrun for tp=/pp= > 1)
     lm-eval's Python API:  import megatron_llama.evaluate.backend  (registers the name), then
                            lm_eval.simple_evaluate(model="megatron_llama",
                                                    model_args="checkpoint=DIR,tp=2", ...)
-    command line:          megatron-llama lm-eval --model megatron_llama \\
-                               --model_args checkpoint=DIR --tasks hellaswag
+
+The stock `lm_eval` finds the name through the package's ``lm_eval.models`` entry point
+(`evaluate.lm_eval_plugins`); `megatron-llama lm-eval` is the same CLI for a package that is
+only on PYTHONPATH.
 
 `MegatronLlamaLM` is an lm-eval `TemplateLM`: lm-eval tokenizes context/continuation pairs
 through `tok_encode` and hands token rows to `_loglikelihood_tokens`; rolling

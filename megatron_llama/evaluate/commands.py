@@ -135,8 +135,9 @@ def add_command(subparsers) -> None:
     lm = subparsers.add_parser(
         "lm-eval", help="lm-evaluation-harness's own CLI with --model megatron_llama",
         description="lm-eval's command line as it is (`lm_eval ...`), with the "
-        "megatron_llama model registered first (lm-eval has no plugin discovery): "
-        "megatron-llama lm-eval run --model megatron_llama --model_args checkpoint=DIR,tp=1 "
-        "--tasks hellaswag")
+        "megatron_llama model imported first: megatron-llama lm-eval run --model "
+        "megatron_llama --model_args checkpoint=DIR,tp=1 --tasks hellaswag. An installed "
+        "megatron_llama also registers the model for the stock `lm_eval` command (its "
+        ".pth hook); this one also works when the package is only on PYTHONPATH.")
     lm.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="lm_eval's arguments")
     lm.set_defaults(func=cmd_lm_eval)
