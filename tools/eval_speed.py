@@ -84,8 +84,9 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=4, help="layers (4, the tiny preset's)")
     p.add_argument("--vocab", type=int, default=8192,
                    help="tokenizer / vocabulary size (8192, the tiny preset's)")
-    p.add_argument("--batch-size", type=int, default=16, help="rows per forward, both (16)")
-    p.add_argument("--repeats", type=int, default=5, help="timed passes of each, interleaved, best kept (5)")
+    p.add_argument("--batch-size", type=int, default=16, help="batch size given to both backends (16)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed passes of each backend, interleaved, best kept (5)")
     args = p.parse_args()
 
     import warnings

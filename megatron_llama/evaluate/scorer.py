@@ -4,8 +4,8 @@ Rank 0 decides what to compute (it talks to lm-evaluation-harness); every other 
 `Scorer.serve`, receiving each batch from rank 0 (one `broadcast_object_list`) and taking
 its part in the same forward: megatron-core's schedule for the layout, forward-only, with
 the output layer run on the scored positions only (a forward pre-hook picks them from the
-hidden states) and its vocabulary-parallel logits gathered over TP on the last stage. The last stage turns
-logits into scores and sends them to rank 0. Every forward is a collective, so all ranks
+hidden states) and its vocabulary-parallel logits gathered over TP on the last stage, which
+turns them into scores and sends those to rank 0. Every forward is a collective, so all ranks
 see the same batches in the same order.
 
 A scoring row is ``(tokens, n)``: the log-probability of the last ``n`` tokens of
