@@ -9,7 +9,7 @@ from setuptools.command.build_py import build_py
 # `lm_eval` command find the `lm_eval.models` entry point below, which lm-eval 0.4 does
 # not look for itself. It imports one small module and nothing else until lm-eval runs.
 PTH_NAME = "megatron_llama-lm_eval.pth"
-PTH_LINE = "import megatron_llama.evaluate.lm_eval_plugins as m; m.install()\n"
+PTH_LINE = "import megatron_llama_lm_eval_hook as m; m.install()\n"
 
 
 class BuildPyWithPth(build_py):
@@ -26,7 +26,10 @@ class BuildPyWithPth(build_py):
             f.write(PTH_LINE)
 
     def get_outputs(self, include_bytecode=True):
-        return super().get_outputs(include_bytecode) + [os.path.join(self.build_lib, PTH_NAME)]
+        outputs = super().get_outputs(include_bytecode)
+        if getattr(self, "editable_mode", False):  # written straight into the wheel's tree
+            return outputs
+        return outputs + [os.path.join(self.build_lib, PTH_NAME)]
 
 
 setup(
@@ -38,6 +41,9 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_llama", "megatron_llama.*"]),
+    # the .pth file's import hook (PTH_NAME), outside the package so that Python's start
+    # does not import megatron_llama itself
+    py_modules=["megatron_llama_lm_eval_hook"],
     # `megatron-llama sbatch`: the batch script template and the presets' cluster settings
     package_data={"megatron_llama.launch": ["templates/slurm/*.sbatch", "templates/slurm/*.env"]},
     install_requires=[
@@ -76,7 +82,7 @@ setup(
     cmdclass={"build_py": BuildPyWithPth},
     entry_points={"console_scripts": ["megatron-llama=megatron_llama.cli:main"],
                   # `lm_eval --model megatron_llama`: lm-eval registers the entry points of
-                  # this group through megatron_llama/evaluate/lm_eval_plugins.py (PTH_NAME)
+                  # this group through megatron_llama_lm_eval_hook.py (PTH_NAME)
                   "lm_eval.models": ["megatron_llama=megatron_llama.evaluate.backend:MegatronLlamaLM"]},
     classifiers=["License :: OSI Approved :: Apache Software License",
                  "Programming Language :: Python :: 3"],

@@ -219,12 +219,13 @@ def test_perplexity_of_the_validation_split(model, tmp_path):
 
 def test_installing_registers_the_backend_for_lm_eval_lazily():
     """The installed .pth hook: a fresh interpreter registers megatron_llama the moment
-    lm-eval loads its models, without importing the backend, torch or megatron-core."""
+    lm-eval loads its models, without importing the package (a checkout in the current
+    directory is not shadowed), torch or megatron-core."""
     code = ("import sys; hooked = any(type(f).__module__ == "
-            "'megatron_llama.evaluate.lm_eval_plugins' for f in sys.meta_path); "
+            "'megatron_llama_lm_eval_hook' for f in sys.meta_path); "
             "import lm_eval.models; from lm_eval.api.registry import model_registry; "
             "print(hooked, 'megatron_llama' in model_registry, sorted(m for m in ('torch', "
-            "'megatron', 'megatron_llama.evaluate.backend') if m in sys.modules))")
+            "'megatron', 'megatron_llama') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, cwd="/")
     assert out.returncode == 0, out.stderr

@@ -7,7 +7,7 @@
                                                    model_args="checkpoint=DIR,tp=2", ...)
 
 The stock `lm_eval` finds the name through the package's ``lm_eval.models`` entry point
-(`evaluate.lm_eval_plugins`); `megatron-llama lm-eval` is the same CLI for a package that is
+(`megatron_llama_lm_eval_hook.py`); `megatron-llama lm-eval` is the same CLI for a package
 only on PYTHONPATH.
 
 `MegatronLlamaLM` is an lm-eval `TemplateLM`: lm-eval tokenizes context/continuation pairs

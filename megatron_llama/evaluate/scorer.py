@@ -211,15 +211,23 @@ def _forward_step(data_iterator, model, vocab: int):
 def _scores(logits: torch.Tensor, micro: dict, vocab: int):
     """For each member: [sum of the log-probs of its last n targets, whether all are the
     argmax, the argmax after its row's last input], from the scored positions' logits
-    [1, N, V_padded] (the vocabulary's padding entries dropped first)."""
-    logp = torch.log_softmax(logits[0, :, :vocab].float(), dim=-1)  # [N, V]
-    best = logp.argmax(-1)  # [N]
+    [1, N, V_padded] (the vocabulary's padding entries dropped first). The fp32
+    log-softmax runs over slices of positions, so a batch that scores every position
+    (perplexity) never holds more than ~256 MB of it beside the logits."""
     flat, target, owner = micro["flat"], micro["target"], micro["owner"]
+    positions = logits.shape[1]
+    picked = torch.empty(flat.shape[0], dtype=torch.float64, device=logits.device)  # [T]
+    best = torch.empty(positions, dtype=torch.long, device=logits.device)  # [N]
+    step = max(1, (64 << 20) // vocab)  # positions per slice: 64M fp32 values
+    for start in range(0, positions, step):
+        logp = torch.log_softmax(logits[0, start:start + step, :vocab].float(), dim=-1)
+        best[start:start + step] = logp.argmax(-1)
+        inside = (flat >= start) & (flat < start + step)
+        picked[inside] = logp[flat[inside] - start, target[inside]].double()
     members = len(micro["after"])
-    picked = logp[flat, target].double()  # [T]
-    total = torch.zeros(members, dtype=torch.float64, device=logp.device)
+    total = torch.zeros(members, dtype=torch.float64, device=logits.device)
     total.index_add_(0, owner, picked)
-    misses = torch.zeros(members, dtype=torch.long, device=logp.device)
+    misses = torch.zeros(members, dtype=torch.long, device=logits.device)
     misses.index_add_(0, owner, (best[flat] != target).long())
     scores = torch.stack([total, (misses == 0).double(), best[micro["after"]].double()], dim=1)
     return torch.zeros((), device=logits.device), {"scores": scores.cpu()}

@@ -4,7 +4,9 @@
 lm-evaluation-harness 0.4.x keeps a registry of model names, filled when ``lm_eval.models``
 is imported, but does not look at other packages' entry points. Installing megatron_llama
 puts a one-line ``.pth`` file in site-packages (see setup.py) that calls `install` when
-Python starts: it adds an import hook that waits for ``lm_eval.models`` and, right after
+Python starts. This module sits outside the ``megatron_llama`` package on purpose: importing
+it at startup must not import the package, or a checkout in the current directory would be
+shadowed by the installed copy. `install` it adds an import hook that waits for ``lm_eval.models`` and, right after
 that module has run, registers each declared backend as a lazy placeholder. Nothing is
 imported before then, and the backend itself (torch, megatron-core) only when a run asks
 for it by name, so the cost to any other Python program is one dictionary lookup per
@@ -52,6 +54,8 @@ class _Loader:
             print(f"megatron_llama: could not register lm-eval backends ({e})", file=sys.stderr)
 
     def __getattr__(self, name):  # get_resource_reader, is_package, ... of the real loader
+        if name == "loader":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self.loader, name)
 
 
@@ -59,23 +63,32 @@ class _Finder:
     """A meta-path finder that only answers for ``lm_eval.models``, by asking the finders
     after it and wrapping the loader they return."""
 
+    tag = "megatron_llama lm_eval.models hook"  # one per interpreter, even across reloads
+
+    def __init__(self):
+        self.busy = False
+
     def find_spec(self, name, path=None, target=None):
-        if name != TRIGGER:
+        if name != TRIGGER or self.busy:
             return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(name, path, target)
-            if spec is not None:
-                if spec.loader is not None:
-                    spec.loader = _Loader(spec.loader)
-                return spec
-        return None
+        self.busy = True  # the finders asked below may ask the meta path again
+        try:
+            for finder in sys.meta_path:
+                if getattr(finder, "tag", None) == self.tag or not hasattr(finder, "find_spec"):
+                    continue
+                spec = finder.find_spec(name, path, target)
+                if spec is not None:
+                    if spec.loader is not None:
+                        spec.loader = _Loader(spec.loader)
+                    return spec
+            return None
+        finally:
+            self.busy = False
 
 
 def install() -> None:
     """Add the import hook once (called by the .pth file at interpreter start)."""
-    if not any(isinstance(f, _Finder) for f in sys.meta_path):
+    if not any(getattr(f, "tag", None) == _Finder.tag for f in sys.meta_path):
         sys.meta_path.insert(0, _Finder())
     if TRIGGER in sys.modules:  # lm_eval.models already imported: register now
         try:
